@@ -42,6 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.num_teachers = 1          # student seed s learns from teacher s mod num_teachers
   config.student_init = "teacher"  # arms that follow the config: 'teacher' (identical) or 'fresh'
   config.stages = "teacher,students,analysis"
+  config.analyses = ""             # study-specific report sections (kdjax/analysis/sections.py)
   config.seed = 0
 
   # Training (shared by teachers and students unless *_num_epochs differ).

@@ -68,6 +68,7 @@ class Study:
   num_train: int
   num_eval: int
   stages: tuple[str, ...]
+  analyses: tuple[str, ...]  # the study-specific report sections (kdjax.analysis.sections)
   teacher: Stage
   students: Stage
   loss_options: arms_lib.LossOptions
@@ -166,6 +167,11 @@ def resolve(config) -> Study:
     _names_or_error(lambda: replicas_lib.parse_names(
         "teacher_augment", config.teacher_augment, data_lib.AUGMENT_PRESETS), "teacher_augment")
   options = _loss_options(config)
+  analyses = ()
+  if config.get("analyses", ""):
+    from kdjax.analysis import sections  # pylint: disable=g-import-not-at-top  (import cycle)
+    analyses = _names_or_error(lambda: replicas_lib.parse_names(
+        "analyses", config.analyses, sections.available()), "analyses")
 
   name = _get(config, "dataset")
   data_dir = _get(config, "data_dir") or None
@@ -209,7 +215,7 @@ def resolve(config) -> Study:
                         f"over {devices} devices; make the count a multiple of {devices}")
   return Study(
       config=config, dataset=spec, num_train=num_train, num_eval=len(test["label"]),
-      stages=stages, data={"train": train, "test": test},
+      stages=stages, analyses=analyses, data={"train": train, "test": test},
       teacher=Stage("teacher", teacher_name, teacher_kwargs, tuple(teachers),
                     teacher_epochs if teacher_epochs > 0 else num_epochs, spe),
       students=Stage("students", model_name, model_kwargs, tuple(students), num_epochs, spe),

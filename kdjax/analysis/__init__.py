@@ -12,7 +12,9 @@ workdir copied from elsewhere) and writes WORKDIR/analysis/:
   metrics.json     {"teachers", "replicas", "arms", "tests"} as DESIGN.md specifies, plus
                    "groups" (which replicas each arm entry summarises, which were excluded),
                    "protocol" (the test, correction and interval used) and, with several
-                   teachers, "teacher_agreement" (pairwise teacher-teacher similarity). Strict
+                   teachers, "teacher_agreement" (pairwise teacher-teacher similarity), and
+                   "analyses": the results of the study-specific sections the config lists in
+                   `analyses` (kdjax.analysis.sections), which also add to report.md. Strict
                    JSON: undefined values (a mean over no example, std of one value) are null.
   report.md        the study, teacher accuracy, a table per arm, the tests with verdicts, the
                    excluded replicas and the plots
@@ -39,6 +41,7 @@ from kdjax import stats
 from kdjax.analysis import plots as plots_lib
 from kdjax.analysis import predictions as predictions_lib
 from kdjax.analysis import report as report_lib
+from kdjax.analysis import sections as sections_lib
 from kdjax.analysis import statistics as stats_lib
 from kdjax.analysis.predictions import METRICS
 
@@ -183,9 +186,6 @@ def run(workdir: str, *, command: str | None = None) -> dict | None:
   plot_dir = os.path.join(out_dir, "plots")
   os.makedirs(plot_dir, exist_ok=True)
   predictions_lib.save_npz(os.path.join(out_dir, "predictions.npz"), study, preds)
-  with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-    json.dump(strict_json(results), f, indent=1, allow_nan=False)
-    f.write("\n")
 
   plots_lib.confidence_scatter(os.path.join(plot_dir, "confidence_scatter.png"), groups,
                                preds.labels, preds.teacher_logits, preds.student_logits,
@@ -195,9 +195,19 @@ def run(workdir: str, *, command: str | None = None) -> dict | None:
                             preds.student_metrics, summaries, pair_means)
   plots_lib.metric_strips(os.path.join(plot_dir, "metrics.png"), groups, preds.student_metrics,
                           METRICS)
+  context = sections_lib.Context(
+      workdir=workdir, study=study, preds=preds, groups=groups, student_diverged=student_diverged,
+      teacher_diverged=teacher_diverged, plot_dir=plot_dir)
+  extra = {name: sections_lib.get(name)(context) for name in study.analyses}
+  if extra:
+    results["analyses"] = {name: section.results for name, section in extra.items()}
+  with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+    json.dump(strict_json(results), f, indent=1, allow_nan=False)
+    f.write("\n")
   text = report_lib.render(command=command, study=study, results=results, groups=groups,
                            metric_names=METRICS, exclusions=excluded_lines,
                            num_excluded=len(excluded), num_predictions=int(preds.labels.size))
+  text += "".join("\n\n" + section.markdown.strip() for section in extra.values())
   with open(os.path.join(out_dir, "report.md"), "w") as f:
     f.write(text + "\n")
   print(f"[analysis] {len(replicas)} students ({len(excluded)} excluded), "

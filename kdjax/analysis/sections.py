@@ -1,0 +1,78 @@
+"""Study-specific analyses: extra sections of the report chosen by the config's `analyses` key.
+
+The core analysis (kdjax.analysis.run) measures every student against its teacher for every study.
+Some seed papers need more (the weight trajectory of a linear model along eigendirections, the
+accuracy of loss-switching schedules, teacher capacity, attention maps); each such analysis is one
+function here, registered under a name that configs list in `analyses` (comma-separated):
+
+  section(context) -> Section
+
+It reads what it needs from `context` (the predictions already collected, the study, the workdir's
+checkpoints), writes its plots into `context.plot_dir`, and returns its JSON-ready results (they
+appear in metrics.json under "analyses"[name]) and a markdown section for report.md. Sections are
+deterministic (no timestamps, fixed seeds), so re-running the analysis reproduces both files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+  """What a section may read. `preds` is kdjax.analysis.predictions.Predictions; `groups` the
+  per-arm (and grid point) groups of kdjax.analysis.statistics with excluded replicas removed."""
+  workdir: str
+  study: Any
+  preds: Any
+  groups: Any
+  student_diverged: np.ndarray
+  teacher_diverged: np.ndarray
+  plot_dir: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Section:
+  """One analysis's output: `results` go to metrics.json["analyses"][name] (JSON-ready: dicts,
+  lists, Python/numpy numbers, NaN for undefined), `markdown` to report.md (start it with a
+  '## ' heading; reference plots as plots/NAME.png)."""
+  results: dict
+  markdown: str
+
+
+SECTIONS: dict[str, Callable[[Context], Section]] = {}
+
+
+def register(name: str):
+  """Decorator: registers a section function under `name` (the value configs list)."""
+
+  def wrap(fn):
+    if name in SECTIONS:
+      raise ValueError(f"analysis section {name!r} is registered twice")
+    SECTIONS[name] = fn
+    return fn
+
+  return wrap
+
+
+def available() -> tuple[str, ...]:
+  _import_all()
+  return tuple(sorted(SECTIONS))
+
+
+def get(name: str) -> Callable[[Context], Section]:
+  _import_all()
+  if name not in SECTIONS:
+    raise ValueError(f"analyses must be a comma-separated list of {', '.join(available())}; "
+                     f"got {name!r}")
+  return SECTIONS[name]
+
+
+def _import_all() -> None:
+  """Imports the modules that register sections (kept lazy: study validation asks for the names
+  without loading matplotlib)."""
+  # pylint: disable=g-import-not-at-top,unused-import
+  pass
