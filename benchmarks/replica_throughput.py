@@ -116,7 +116,7 @@ def _single_step_fn(engine: Engine, arrays, batch_size: int):
 
 def measure(args, replicas: int, dataset: str) -> dict:
   study = _study(args, replicas, dataset)
-  engine = Engine(study, "teacher")
+  engine = Engine(study, study.teacher.groups[0])
   arrays = data.to_device(study.data["train"], engine.replicated)
   state = engine.init_state()
   _, order = engine.order_for_step(state, study.num_train)

@@ -37,7 +37,7 @@ from kdjax import losses
 from kdjax import models as models_lib
 from kdjax import optim
 from kdjax import replicas as replicas_lib
-from kdjax.study import Stage, Study
+from kdjax.study import Group, Study
 
 TRAIN_STREAMS = ("data", "augment", "rcd", "dropout")
 
@@ -65,7 +65,8 @@ def _variables(params, batch_stats) -> dict[str, Any]:
 
 @flax.struct.dataclass
 class Teachers:
-  """The teacher stage's trained variables, stacked over teachers [T, ...], for the students."""
+  """Trained teacher variables stacked over teachers [T, ...]: those of the teacher group a
+  student group reads (`Group.teacher_indices`, in that order)."""
   variables: Any
 
 
@@ -90,21 +91,22 @@ def backend_execution(requested: str) -> str:
 
 
 class Engine:
-  """Builds and runs the jitted programs of one stage."""
+  """Builds and runs the jitted programs of one group of a stage (one model; kdjax.study.Group):
+  `teacher_module` is the model of the teachers it reads."""
 
-  def __init__(self, study: Study, stage_name: str, *, teacher_module=None,
-               devices=None):
+  def __init__(self, study: Study, group: Group, *, devices=None):
     self.study = study
     self.config = study.config
-    self.stage: Stage = study.stage(stage_name)
+    self.group: Group = group
     self.spec = study.dataset
-    self.module = self.stage.module(self.spec.num_classes)
-    self.teacher_module = teacher_module
-    self.tx = optim.make_optimizer(self.config.optimizer, self.stage.total_steps,
-                                   self.stage.replicas[0].learning_rate)
-    self.arms = self.stage.arms()
-    self.num_replicas = len(self.stage.replicas)
-    self.hp = replicas_lib.hparams(self.stage.replicas)
+    self.module = group.module(self.spec.num_classes)
+    self.teacher_module = None if group.teacher_model is None else \
+        group.teacher_model.module(self.spec.num_classes)
+    self.tx = optim.make_optimizer(self.config.optimizer, self.group.total_steps,
+                                   self.group.replicas[0].learning_rate)
+    self.arms = self.group.arms()
+    self.num_replicas = len(self.group.replicas)
+    self.hp = replicas_lib.hparams(self.group.replicas, self.group.teacher_indices)
     self.kinds = tuple(sorted({a.loss for a in self.arms}))
     self.signals = tuple(sorted({a.teacher_signal for a in self.arms}))
     self.kind_codes = np.array([arms_lib.LOSS_KINDS.index(a.loss) for a in self.arms], np.int32)
@@ -136,10 +138,10 @@ class Engine:
     """Fresh replicas: each from its `init` stream (a student initialised from its teacher uses
     the teacher's stream, so it starts from exactly the teacher's initial parameters)."""
     seed = int(self.config.seed)
-    init_keys = replicas_lib.stream_keys(seed, self.stage.replicas, "init",
+    init_keys = replicas_lib.stream_keys(seed, self.group.replicas, "init",
                                          teachers=self.study.teacher.replicas)
-    keys = {s: replicas_lib.stream_keys(seed, self.stage.replicas, s) for s in TRAIN_STREAMS}
-    lrs = jnp.array([r.learning_rate for r in self.stage.replicas], jnp.float32)
+    keys = {s: replicas_lib.stream_keys(seed, self.group.replicas, s) for s in TRAIN_STREAMS}
+    lrs = jnp.array([r.learning_rate for r in self.group.replicas], jnp.float32)
     # One compiled init called per replica, not a vmapped one: XLA:CPU compiles the vmapped
     # threefry draws of a model init about 15x slower (49 s against 3 s for the default cnn),
     # and the numbers are the same (threefry bits depend only on the key).
@@ -274,7 +276,7 @@ class Engine:
     step = state.step
     batch = data_lib.train_batch(
         arrays, self.spec, state.keys["augment"], step, batch_size=int(self.config.batch_size),
-        order=order, augment_preset=tuple(r.augment for r in self.stage.replicas))
+        order=order, augment_preset=tuple(r.augment for r in self.group.replicas))
     x, labels, mask = batch[self.spec.input_key], batch["label"], batch["mask"]
 
     def update(params, batch_stats, opt_state, keys, hp, kind_code, signal_code, x, labels,
@@ -305,7 +307,7 @@ class Engine:
 
   def order_for_step(self, state: TrainState, num_examples: int):
     """This step's epoch order [R, N] (computed once per epoch by the caller)."""
-    spe = self.stage.steps_per_epoch
+    spe = self.group.steps_per_epoch
     epoch = int(state.step) // spe
     return epoch, self.epoch_order(state.keys["data"], epoch, num_examples)
 

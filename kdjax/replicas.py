@@ -4,6 +4,15 @@ A grid in the config (alpha, temperature, learning rate, KD switch points) times
 becomes replicas of one compiled program. Each replica's identity travels in checkpoint metadata
 and every output file (`Replica.to_json`).
 
+Models. A stage may hold several architectures or capacities (`model` a comma-separated list of
+names, times the product of the `model_grid` keyword grids; likewise `teacher_model` and
+`teacher_model_grid`): each replica names its model by a label ("cnn(width=0.5)"), and the
+replicas of one model (and, for students, one teacher model) form a group that is one compiled
+program (kdjax.study.Group). Students are expanded over the teacher models their arm needs:
+  * arms initialised from their teacher pair with the teacher model equal to their own;
+  * other arms with a teacher term pair with every teacher model;
+  * arms with neither (onehot, label_smoothing, fresh siddo) are trained once per student model.
+
 Randomness: one root key per (stage, seed), split into named streams with `jax.random.fold_in`:
 
   replica_key(config_seed, stage, seed) = fold_in(fold_in(PRNGKey(config_seed), STAGE), seed)
@@ -47,6 +56,8 @@ class Replica:
   kd_stop: int
   init: str  # 'teacher' | 'fresh'
   augment: str  # the augmentation preset of its training batches
+  model: str = ""  # its model's label (ModelSpec.label); teachers' too
+  teacher_model: str = ""  # its teacher's model label ("" without a teacher)
 
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -90,45 +101,100 @@ def teacher_augments(config) -> tuple[str, ...]:
   return tuple(s.strip() for s in value.split(",") if s.strip())
 
 
-def teacher_replicas(config) -> list[Replica]:
-  """num_teachers seeds for each preset of `teacher_augment`: teachers with the same seed share
-  their initialisation and data order and differ only in augmentation (arXiv 2405.00739)."""
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """An architecture: a kdjax.models name and its keyword arguments."""
+  name: str
+  kwargs: tuple[tuple[str, Any], ...]  # sorted (key, value) pairs, hashable
+
+  @property
+  def label(self) -> str:
+    """"cnn(width=0.5)", or the bare name without keywords: the replicas' `model` field."""
+    args = ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.kwargs)
+    return f"{self.name}({args})" if args else self.name
+
+  def module(self, num_classes: int):
+    from kdjax import models as models_lib  # pylint: disable=g-import-not-at-top
+    return models_lib.get(self.name, num_classes=num_classes, **dict(self.kwargs))
+
+
+def model_specs(names, kwargs, grid) -> tuple[ModelSpec, ...]:
+  """Every name (a comma-separated string) times every point of the keyword grid (a mapping
+  from a keyword to one value or a grid), over the fixed keywords `kwargs`."""
+  grid = dict(grid or {})
+  keys = sorted(grid)
+  # Grid values are floats; whole numbers become ints (depths, block counts: models take ints).
+  points = [dict(zip(keys, (int(v) if v.is_integer() else v for v in point)))
+            for point in itertools.product(*(parse_grid(k, grid[k]) for k in keys))]
+  specs = []
+  for name in (n.strip() for n in str(names).split(",") if n.strip()):
+    for point in points:
+      merged = {**dict(kwargs), **point}
+      specs.append(ModelSpec(name, tuple(sorted(merged.items()))))
+  return tuple(dict.fromkeys(specs))
+
+
+def teacher_replicas(config, specs: Sequence[ModelSpec]) -> list[Replica]:
+  """For each teacher model, num_teachers seeds for each preset of `teacher_augment`: teachers
+  with the same seed share their initialisation and data order and differ only in augmentation
+  (arXiv 2405.00739) or in model."""
   lr = parse_grid("optimizer.learning_rate", config.optimizer.learning_rate)[0]
   rows = []
-  for augment in teacher_augments(config):
-    for seed in range(int(config.num_teachers)):
-      rows.append(Replica(index=len(rows), stage="teacher", arm="teacher", seed=seed, teacher=-1,
-                          alpha=0.0, temperature=1.0, learning_rate=lr, label_smoothing=0.0,
-                          kd_start=0, kd_stop=0, init="fresh", augment=augment))
+  for spec in specs:
+    for augment in teacher_augments(config):
+      for seed in range(int(config.num_teachers)):
+        rows.append(Replica(index=len(rows), stage="teacher", arm="teacher", seed=seed,
+                            teacher=-1, alpha=0.0, temperature=1.0, learning_rate=lr,
+                            label_smoothing=0.0, kd_start=0, kd_stop=0, init="fresh",
+                            augment=augment, model=spec.label))
   return rows
 
 
-def student_replicas(config, total_steps: int) -> list[Replica]:
-  """Arms x grid points x seeds, in that order; arms without a teacher term ignore the
-  alpha/temperature/switch grids (one grid point each, recorded as alpha 0, temperature 1)."""
+def student_replicas(config, total_steps: int, specs: Sequence[ModelSpec],
+                     teachers: Sequence[Replica]) -> list[Replica]:
+  """Student models x arms x teacher models x grid points x seeds, in that order (see the module
+  docstring for which teacher models an arm pairs with); arms without a teacher term ignore the
+  alpha/temperature/switch grids (one grid point each, recorded as alpha 0, temperature 1).
+  Student seed s learns from the s mod n-th teacher of its teacher model (n of them)."""
   arm_names = parse_names("arms", config.arms, tuple(arms_lib.ARMS))
   alphas = parse_grid("alpha", config.alpha)
   temperatures = parse_grid("temperature", config.temperature)
   lrs = parse_grid("optimizer.learning_rate", config.optimizer.learning_rate)
   starts = parse_grid("kd_start", config.kd_start)
   stops = parse_grid("kd_stop", config.kd_stop)
-  num_teachers = len(teacher_augments(config)) * int(config.num_teachers)
+  by_model: dict[str, list[Replica]] = {}
+  for t in teachers:
+    by_model.setdefault(t.model, []).append(t)
   rows = []
-  for arm_name in arm_names:
-    arm = arms_lib.ARMS[arm_name]
-    init = config.student_init if arm.init == "config" else arm.init
-    has_teacher_term = arm.teacher_signal != "none"
-    grid = itertools.product(alphas, temperatures, lrs, starts, stops) if has_teacher_term \
-        else itertools.product((0.0,), (1.0,), lrs, (0.0,), (0.0,))
-    smoothing = float(config.arm_options.label_smoothing) if arm_name == "label_smoothing" else 0.0
-    for alpha, temperature, lr, start, stop in grid:
-      for seed in range(int(config.num_seeds)):
-        rows.append(Replica(
-            index=len(rows), stage="students", arm=arm_name, seed=seed,
-            teacher=seed % num_teachers if (has_teacher_term or init == "teacher") else -1,
-            alpha=alpha, temperature=temperature, learning_rate=lr, label_smoothing=smoothing,
-            kd_start=int(round(start * total_steps)), kd_stop=int(round(stop * total_steps)),
-            init=init, augment=config.augment))
+  for spec in specs:
+    for arm_name in arm_names:
+      arm = arms_lib.ARMS[arm_name]
+      init = config.student_init if arm.init == "config" else arm.init
+      has_teacher_term = arm.teacher_signal != "none"
+      if init == "teacher":
+        if spec.label not in by_model:
+          raise ValueError(f"arm {arm_name} starts from its teacher's initial parameters, but no "
+                           f"teacher model is {spec.label} (teachers: {', '.join(by_model)}); "
+                           "set student_init='fresh' or make the models match")
+        teacher_models = [by_model[spec.label]]
+      elif has_teacher_term:
+        teacher_models = list(by_model.values())
+      else:
+        teacher_models = [None]
+      grid = list(itertools.product(alphas, temperatures, lrs, starts, stops)) \
+          if has_teacher_term else [(0.0, 1.0, lr, 0.0, 0.0) for lr in lrs]
+      smoothing = float(config.arm_options.label_smoothing) \
+          if arm_name == "label_smoothing" else 0.0
+      for group in teacher_models:
+        for alpha, temperature, lr, start, stop in grid:
+          for seed in range(int(config.num_seeds)):
+            rows.append(Replica(
+                index=len(rows), stage="students", arm=arm_name, seed=seed,
+                teacher=-1 if group is None else group[seed % len(group)].index,
+                alpha=alpha, temperature=temperature, learning_rate=lr,
+                label_smoothing=smoothing, kd_start=int(round(start * total_steps)),
+                kd_stop=int(round(stop * total_steps)), init=init, augment=config.augment,
+                model=spec.label, teacher_model="" if group is None else group[0].model))
   return rows
 
 
@@ -151,11 +217,14 @@ def stream_keys(config_seed: int, replicas: Sequence[Replica], stream: str,
   return jax.numpy.stack(keys)
 
 
-def hparams(replicas: Sequence[Replica]) -> arms_lib.ReplicaHParams:
-  """The stacked per-replica loss hyperparameters ([R] leaves)."""
+def hparams(replicas: Sequence[Replica],
+            teacher_indices: Sequence[int] = ()) -> arms_lib.ReplicaHParams:
+  """The stacked per-replica loss hyperparameters ([R] leaves). `teacher_index` is the position
+  of a replica's teacher in `teacher_indices` (the teacher replicas its program is given)."""
   column = lambda name, dtype: np.array([getattr(r, name) for r in replicas], dtype)
+  position = {t: i for i, t in enumerate(teacher_indices)}
   return arms_lib.ReplicaHParams(
       alpha=column("alpha", np.float32), temperature=column("temperature", np.float32),
       label_smoothing=column("label_smoothing", np.float32),
       kd_start=column("kd_start", np.int32), kd_stop=column("kd_stop", np.int32),
-      teacher_index=np.array([max(r.teacher, 0) for r in replicas], np.int32))
+      teacher_index=np.array([position.get(r.teacher, 0) for r in replicas], np.int32))

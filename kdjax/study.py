@@ -36,12 +36,46 @@ class ConfigError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class Stage:
-  """One training stage: a model architecture and its replicas."""
-  name: str
-  model_name: str
-  model_kwargs: dict[str, Any]
+class Group:
+  """The replicas of one stage that share a model (and, for students, a teacher model): one
+  compiled program. `replicas` keep their stage-wide `index`; `teacher_indices` are the teacher
+  replicas whose variables the program is given (those of `teacher_group`)."""
+  key: str  # "group0", "group1", ...: its entry in the stage's checkpoints
+  stage: str
+  model: replicas_lib.ModelSpec
   replicas: tuple[replicas_lib.Replica, ...]
+  num_epochs: int
+  steps_per_epoch: int
+  teacher_group: str | None = None
+  teacher_model: replicas_lib.ModelSpec | None = None
+  teacher_indices: tuple[int, ...] = ()
+
+  @property
+  def name(self) -> str:
+    return self.stage
+
+  @property
+  def total_steps(self) -> int:
+    return self.num_epochs * self.steps_per_epoch
+
+  @property
+  def indices(self) -> tuple[int, ...]:
+    return tuple(r.index for r in self.replicas)
+
+  def module(self, num_classes: int):
+    return self.model.module(num_classes)
+
+  def arms(self) -> tuple[arms_lib.Arm, ...]:
+    return tuple(_TEACHER_ARM if r.arm == "teacher" else arms_lib.ARMS[r.arm]
+                 for r in self.replicas)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """One training stage: its replicas, in the groups (one per model) that train them."""
+  name: str
+  replicas: tuple[replicas_lib.Replica, ...]
+  groups: tuple[Group, ...]
   num_epochs: int
   steps_per_epoch: int
 
@@ -49,12 +83,31 @@ class Stage:
   def total_steps(self) -> int:
     return self.num_epochs * self.steps_per_epoch
 
-  def module(self, num_classes: int):
-    return models_lib.get(self.model_name, num_classes=num_classes, **self.model_kwargs)
+  def group_of(self, index: int) -> Group:
+    return next(g for g in self.groups if index in g.indices)
 
-  def arms(self) -> tuple[arms_lib.Arm, ...]:
-    return tuple(_TEACHER_ARM if r.arm == "teacher" else arms_lib.ARMS[r.arm]
-                 for r in self.replicas)
+
+def _groups(name: str, rows, specs, num_epochs: int, spe: int, teacher: Stage | None = None):
+  """Splits a stage's rows into groups: by model, then (students) by their teacher's group;
+  students without a teacher join the first group of their model, so that arms share programs."""
+  by_label = {s.label: s for s in specs}
+  keyed: dict[tuple, list] = {}
+  for r in rows:
+    if teacher is not None and r.teacher >= 0:
+      keyed.setdefault((r.model, teacher.group_of(r.teacher)), [])
+  for r in rows:
+    if teacher is not None and r.teacher >= 0:
+      key = (r.model, teacher.group_of(r.teacher))
+    else:
+      key = next((k for k in keyed if k[0] == r.model), (r.model, None))
+    keyed.setdefault(key, []).append(r)
+  return tuple(
+      Group(key=f"group{i}", stage=name, model=by_label[label], replicas=tuple(members),
+            num_epochs=num_epochs, steps_per_epoch=spe,
+            teacher_group=None if tg is None else tg.key,
+            teacher_model=None if tg is None else tg.model,
+            teacher_indices=() if tg is None else tg.indices)
+      for i, ((label, tg), members) in enumerate(keyed.items()))
 
 
 # Teachers train on labels: the 'ce' loss kind with no teacher signal.
@@ -124,15 +177,25 @@ def _grid(config, key: str, *, low=None, high=None, low_open=False) -> tuple[flo
   return grid
 
 
-def _model(config, key: str, kwargs_key: str, num_classes: int) -> tuple[str, dict]:
-  name = _get(config, key)
-  kwargs = dict(_get(config, kwargs_key))
-  for blamed, kw in ((key, {}), (kwargs_key, kwargs)):  # the name first, then its options
-    try:
-      models_lib.get(name, num_classes=num_classes, **kw)
-    except (ValueError, TypeError) as e:
-      raise ConfigError(blamed, str(e)) from None
-  return name, kwargs
+def _models(config, key: str, kwargs_key: str, grid_key: str, num_classes: int):
+  """The ModelSpecs of `key` (names) x `grid_key` (keyword grids) over `kwargs_key`."""
+  grid = config.get(grid_key) or {}
+  try:
+    specs = replicas_lib.model_specs(_get(config, key), dict(_get(config, kwargs_key)), grid)
+  except ValueError as e:
+    raise ConfigError(grid_key, str(e)) from None
+  if not specs:
+    raise ConfigError(key, f"must name a model, one of {', '.join(models_lib.available())}")
+  for spec in specs:
+    name, blamed = spec.name, [(key, {})]  # the name first, then its options
+    blamed.append((grid_key if set(grid) & set(dict(spec.kwargs)) else kwargs_key,
+                   dict(spec.kwargs)))
+    for blame, kw in blamed:
+      try:
+        models_lib.get(name, num_classes=num_classes, **kw)
+      except (ValueError, TypeError) as e:
+        raise ConfigError(blame, str(e)) from None
+  return specs
 
 
 def resolve(config) -> Study:
@@ -189,37 +252,38 @@ def resolve(config) -> Study:
   if batch_size > num_train:
     raise ConfigError("batch_size", f"must be at most the {num_train} training examples")
 
-  model_name, model_kwargs = _model(config, "model", "model_kwargs", spec.num_classes)
-  if config.teacher_model:
-    teacher_name, teacher_kwargs = _model(config, "teacher_model", "teacher_model_kwargs",
-                                          spec.num_classes)
-  else:
-    teacher_name, teacher_kwargs = model_name, model_kwargs
+  model_specs = _models(config, "model", "model_kwargs", "model_grid", spec.num_classes)
+  teacher_specs = _models(config, "teacher_model", "teacher_model_kwargs", "teacher_model_grid",
+                          spec.num_classes) if config.teacher_model else model_specs
   spe = data_lib.steps_per_epoch(num_train, batch_size)
-  student_stage_steps = num_epochs * spe
-  students = replicas_lib.student_replicas(config, student_stage_steps)
-  if any(r.init == "teacher" for r in students) and (teacher_name, teacher_kwargs) != (
-      model_name, model_kwargs):
-    used = sorted({r.arm for r in students if r.init == "teacher"})
-    raise ConfigError("teacher_model", f"arms {', '.join(used)} start from the teacher's initial "
-                      "parameters and need the students' model; set student_init='fresh' or "
-                      "drop those arms")
+  teacher_rows = replicas_lib.teacher_replicas(config, teacher_specs)
+  teacher = Stage("teacher", tuple(teacher_rows), (), teacher_epochs if teacher_epochs > 0
+                  else num_epochs, spe)
+  teacher = dataclasses.replace(teacher, groups=_groups(
+      "teacher", teacher_rows, teacher_specs, teacher.num_epochs, spe))
+  try:
+    student_rows = replicas_lib.student_replicas(config, num_epochs * spe, model_specs,
+                                                 teacher_rows)
+  except ValueError as e:
+    raise ConfigError("teacher_model", str(e)) from None
+  students = Stage("students", tuple(student_rows), _groups(
+      "students", student_rows, model_specs, num_epochs, spe, teacher), num_epochs, spe)
   if "feature_hint" in arm_names:
-    _check_hint(config, model_name, model_kwargs, teacher_name, teacher_kwargs, spec)
-  teachers = replicas_lib.teacher_replicas(config)
+    for group in students.groups:
+      if group.teacher_model is not None:
+        _check_hint(config, group.model, group.teacher_model, spec)
   devices = jax.device_count()
-  for stage_name, rows in (("teacher", teachers), ("students", students)):
-    if len(rows) % devices:
-      raise ConfigError("num_seeds" if stage_name == "students" else "num_teachers",
-                        f"the {stage_name} stage has {len(rows)} replicas, which do not divide "
-                        f"over {devices} devices; make the count a multiple of {devices}")
+  for stage in (teacher, students):
+    for group in stage.groups:
+      if len(group.replicas) % devices:
+        raise ConfigError("num_seeds" if stage.name == "students" else "num_teachers",
+                          f"the {stage.name} stage's {group.model.label} group has "
+                          f"{len(group.replicas)} replicas, which do not divide over {devices} "
+                          f"devices; make the count a multiple of {devices}")
   return Study(
       config=config, dataset=spec, num_train=num_train, num_eval=len(test["label"]),
       stages=stages, analyses=analyses, data={"train": train, "test": test},
-      teacher=Stage("teacher", teacher_name, teacher_kwargs, tuple(teachers),
-                    teacher_epochs if teacher_epochs > 0 else num_epochs, spe),
-      students=Stage("students", model_name, model_kwargs, tuple(students), num_epochs, spe),
-      loss_options=options)
+      teacher=teacher, students=students, loss_options=options)
 
 
 def _names_or_error(fn, key: str):
@@ -250,21 +314,23 @@ def _loss_options(config) -> arms_lib.LossOptions:
       rcd_minval=minval, rcd_maxval=maxval)
 
 
-def _check_hint(config, model_name, model_kwargs, teacher_name, teacher_kwargs, spec) -> None:
+def _check_hint(config, student: replicas_lib.ModelSpec, teacher: replicas_lib.ModelSpec,
+                spec) -> None:
   x = jax.numpy.zeros((1,) + tuple(spec.input_shape),
                       jax.numpy.int32 if spec.modality == "text" else jax.numpy.float32)
   feature = config.arm_options.hint_feature
   shapes = []
-  for name, kwargs in ((model_name, model_kwargs), (teacher_name, teacher_kwargs)):
-    module = models_lib.get(name, num_classes=spec.num_classes, **kwargs)
+  for model in (student, teacher):
+    module = model.module(spec.num_classes)
     names = models_lib.feature_names(module, x)
     if feature not in names:
       raise ConfigError("arm_options.hint_feature", f"must be one of {', '.join(names)} "
-                        f"(the features {name} sows); got {feature!r}")
+                        f"(the features {model.label} sows); got {feature!r}")
     variables = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), x, train=False))
     _, features, _ = jax.eval_shape(
         lambda v: models_lib.apply_with_features(module, v, x), variables)
     shapes.append(tuple(features[feature].shape))
   if shapes[0] != shapes[1]:
-    raise ConfigError("arm_options.hint_feature", f"student feature {shapes[0]} and teacher "
-                      f"feature {shapes[1]} differ in shape; feature_hint needs equal shapes")
+    raise ConfigError("arm_options.hint_feature", f"student feature {shapes[0]} of "
+                      f"{student.label} and teacher feature {shapes[1]} of {teacher.label} "
+                      "differ in shape; feature_hint needs equal shapes")

@@ -20,6 +20,7 @@ from clu import metric_writers
 from kdjax import arms as arms_lib
 from kdjax import checkpoint as checkpoint_lib
 from kdjax import data as data_lib
+from kdjax import preemption
 from kdjax.engine import Engine, Teachers
 from kdjax.study import Study
 
@@ -56,24 +57,36 @@ def prerequisites(study: Study) -> tuple[str, ...]:
   return tuple(dict.fromkeys(needed))
 
 
+def engines(study: Study, stage: str) -> list[Engine]:
+  """One engine (one compiled program) per group of the stage, in the stage's group order."""
+  return [Engine(study, group) for group in study.stage(stage).groups]
+
+
+def abstract_states(stage_engines) -> dict:
+  """The restore target of a stage's checkpoint: {group key: abstract TrainState}."""
+  return {e.group.key: e.abstract_state() for e in stage_engines}
+
+
+def stage_values(stage, stage_engines, per_group) -> np.ndarray:
+  """[R] stage-order array from per-group [R_g] arrays (aligned with `stage_engines`)."""
+  out = np.zeros(len(stage.replicas), np.float64)
+  for engine, values in zip(stage_engines, per_group):
+    out[list(engine.group.indices)] = np.asarray(values)
+  return out
+
+
 def load_final_state(study: Study, workdir: str, stage: str):
-  """(engine, final TrainState) of a finished stage, read from its checkpoints."""
-  engine = Engine(study, stage, teacher_module=_teacher_module(study, stage))
+  """(engines, {group key: final TrainState}) of a finished stage, read from its checkpoints."""
+  stage_engines = engines(study, stage)
   ckpt = checkpoints(workdir, stage, read_only=True)
   step = ckpt.latest_step()
-  total = engine.stage.total_steps
+  total = study.stage(stage).total_steps
   if step is None or step < total:
     raise RuntimeError(f"the {stage} stage has not finished (checkpoint step {step} of {total} "
                        f"in {ckpt.directory}); run it first with --config.stages={stage}")
-  state, _ = ckpt.restore(engine.abstract_state(), step)
+  states, _ = ckpt.restore(abstract_states(stage_engines), step)
   ckpt.close()
-  return engine, state
-
-
-def _teacher_module(study: Study, stage: str):
-  if stage != "students":
-    return None
-  return study.teacher.module(study.dataset.num_classes)
+  return stage_engines, states
 
 
 def _arm_means(stage, values: np.ndarray) -> dict[str, float]:
@@ -89,50 +102,72 @@ def _replica_tag(replica) -> str:
 
 def run_stage(study: Study, stage: str, workdir: str) -> None:
   config = study.config
-  engine = Engine(study, stage, teacher_module=_teacher_module(study, stage))
-  spec_stage = engine.stage
-  teachers = None
-  if stage == "students" and arms_lib.uses_teacher([a.name for a in engine.arms]):
-    _, teacher_state = load_final_state(study, workdir, "teacher")
-    teachers = jax.device_put(Teachers(variables=teacher_state.variables()), engine.replicated)
+  spec_stage = study.stage(stage)
+  stage_engines = engines(study, stage)
+  first = stage_engines[0]
+  teachers = {}
+  if stage == "students" and arms_lib.uses_teacher([r.arm for r in spec_stage.replicas]):
+    _, teacher_states = load_final_state(study, workdir, "teacher")
+    for engine in stage_engines:
+      if engine.group.teacher_group is not None:
+        teachers[engine.group.key] = jax.device_put(Teachers(
+            variables=teacher_states[engine.group.teacher_group].variables()), engine.replicated)
+    del teacher_states
 
-  train_arrays = data_lib.to_device(study.data["train"], engine.replicated)
-  eval_arrays = data_lib.to_device(study.data["test"], engine.replicated)
+  train_arrays = data_lib.to_device(study.data["train"], first.replicated)
+  eval_arrays = data_lib.to_device(study.data["test"], first.replicated)
   num_train = study.num_train
   total = spec_stage.total_steps
   ckpt = checkpoints(workdir, stage, config)
-  metadata = checkpoint_lib.replica_metadata(stage, spec_stage.replicas, model=spec_stage.model_name,
-                                             model_kwargs=spec_stage.model_kwargs,
-                                             total_steps=total)
+  metadata = checkpoint_lib.replica_metadata(
+      stage, spec_stage.replicas, total_steps=total,
+      groups=[{"key": g.key, "model": g.model.name, "model_kwargs": dict(g.model.kwargs),
+               "teacher_group": g.teacher_group, "replicas": list(g.indices)}
+              for g in spec_stage.groups])
   latest = ckpt.latest_step()
-  if latest is not None:
-    state, _ = ckpt.restore(engine.abstract_state(), latest)
-    state = engine.place(state)
+  if latest is not None:  # the newest readable step: damaged newer ones are skipped, with a warning
+    latest, restored, _ = ckpt.restore_latest(abstract_states(stage_engines))
+    states = {e.group.key: e.place(restored[e.group.key]) for e in stage_engines}
+    del restored
     logging.info("%s: resuming from checkpoint step %d of %d", stage, latest, total)
   else:
-    state = engine.init_state()
+    states = {e.group.key: e.init_state() for e in stage_engines}
 
   logdir = stage_dir(workdir, stage)
   tensorboard = metric_writers.SummaryWriter(logdir) if jax.process_index() == 0 else None
   console = metric_writers.LoggingWriter()
-  step = int(state.step)
-  print(f"[{stage}] {len(spec_stage.replicas)} replicas of {spec_stage.model_name} "
-        f"({engine.execution}, {jax.device_count()} {jax.default_backend()} device(s)), "
-        f"{total} steps", flush=True)
-  epoch, order = -1, None
+  step = int(states[first.group.key].step)
+  models = ", ".join(f"{len(e.group.replicas)} of {e.group.model.label}" for e in stage_engines)
+  print(f"[{stage}] {len(spec_stage.replicas)} replicas ({models}; {first.execution}, "
+        f"{jax.device_count()} {jax.default_backend()} device(s)), {total} steps", flush=True)
+  epoch, orders = -1, {}
   start_time, start_step = time.perf_counter(), step
-  last_metrics = None
-  while step < total:
-    if step // spec_stage.steps_per_epoch != epoch:
-      epoch, order = engine.order_for_step(state, num_train)
-    state, last_metrics = engine.train_step(state, order, train_arrays, teachers)
-    step += 1
-    if step % int(config.log_every_steps) == 0 or step == total:
-      _progress(stage, step, total, start_time, start_step, last_metrics)
-    if step % int(config.eval_every_steps) == 0 or step == total:
-      _evaluate(engine, state, eval_arrays, step, tensorboard, console, last_metrics)
-    if step % int(config.checkpoint_every_steps) == 0 or step == total:
-      ckpt.save(step, state, metadata, force=step == total)
+  last_metrics = {}
+  with preemption.StopRequests() as stop:
+    while step < total:
+      if step // spec_stage.steps_per_epoch != epoch:
+        for engine in stage_engines:
+          epoch, orders[engine.group.key] = engine.order_for_step(states[engine.group.key],
+                                                                  num_train)
+      for engine in stage_engines:
+        key = engine.group.key
+        states[key], last_metrics[key] = engine.train_step(states[key], orders[key],
+                                                           train_arrays, teachers.get(key))
+      step += 1
+      if step % int(config.log_every_steps) == 0 or step == total:
+        _progress(stage, step, total, start_time, start_step, _stage_metrics(
+            spec_stage, stage_engines, last_metrics))
+      if step % int(config.eval_every_steps) == 0 or step == total:
+        _evaluate(spec_stage, stage_engines, states, eval_arrays, step, tensorboard, console,
+                  _stage_metrics(spec_stage, stage_engines, last_metrics))
+      if step % int(config.checkpoint_every_steps) == 0 or step == total:
+        ckpt.save(step, states, metadata, force=step == total)
+      if stop.requested:  # SIGTERM/SIGINT: save this step and leave (kdjax.preemption)
+        ckpt.save(step, states, metadata, force=True)
+        ckpt.wait()
+        if tensorboard is not None:
+          tensorboard.flush()
+        raise preemption.Preempted(stop.signum, stage, step, total)
   if latest is not None and latest >= total:
     print(f"[{stage}] already finished (checkpoint step {latest})", flush=True)
   ckpt.wait()
@@ -140,6 +175,13 @@ def run_stage(study: Study, stage: str, workdir: str) -> None:
   if tensorboard is not None:
     tensorboard.flush()
     tensorboard.close()
+
+
+def _stage_metrics(stage, stage_engines, per_group: dict) -> dict[str, np.ndarray]:
+  """The last step's train metrics of every replica, in stage order."""
+  return {name: stage_values(stage, stage_engines,
+                             [per_group[e.group.key][name] for e in stage_engines])
+          for name in ("loss", "accuracy")}
 
 
 def _progress(stage, step, total, start_time, start_step, metrics) -> None:
@@ -153,15 +195,19 @@ def _progress(stage, step, total, start_time, start_step, metrics) -> None:
         flush=True)
 
 
-def _evaluate(engine, state, eval_arrays, step, tensorboard, console, train_metrics) -> None:
-  results = engine.evaluate(state.variables(), eval_arrays, int(engine.config.eval_batch_size))
-  stage = engine.stage
+def _evaluate(stage, stage_engines, states, eval_arrays, step, tensorboard, console,
+              train_metrics) -> None:
+  batch_size = int(stage_engines[0].config.eval_batch_size)
+  per_group = [e.evaluate(states[e.group.key].variables(), eval_arrays, batch_size)
+               for e in stage_engines]
+  results = {name: stage_values(stage, stage_engines, [r[name] for r in per_group])
+             for name in ("accuracy", "loss")}
   arm_acc = _arm_means(stage, results["accuracy"])
   console.write_scalars(step, {f"{stage.name}/eval_accuracy/{arm}": v for arm, v in arm_acc.items()})
   if tensorboard is None:
     return
   scalars = {}
-  train_loss = np.asarray(train_metrics["loss"])
+  train_loss = train_metrics["loss"]
   for i, replica in enumerate(stage.replicas):
     tag = _replica_tag(replica)
     scalars[f"{tag}/eval_accuracy"] = float(results["accuracy"][i])

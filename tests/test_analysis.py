@@ -34,7 +34,9 @@ METRICS = ("accuracy", "agreement", "agree_when_teacher_correct", "agree_when_te
            "js_divergence", "activation_distance", "kl_divergence", "rank_disagreement",
            "mutual_information", "ece")
 NPZ_KEYS = {"labels", "teacher_logits", "student_logits", "replica_arm", "replica_seed",
-            "replica_teacher", "replica_alpha", "replica_temperature"}
+            "replica_teacher", "replica_alpha", "replica_temperature",
+            # beyond DESIGN.md: the model of each student and teacher (several in one study)
+            "replica_model", "teacher_model"}
 OUTPUTS = ("metrics.json", "report.md", "plots/confidence_scatter.png",
            "plots/agreement_split.png", "plots/metrics.png")
 
@@ -167,6 +169,7 @@ def test_predictions_npz_contract(study):
   np.testing.assert_array_equal(p["replica_teacher"], [0, 1, 0] * 3)
   np.testing.assert_allclose(p["replica_alpha"], [0.5] * 6 + [0.0] * 3)
   np.testing.assert_allclose(p["replica_temperature"], 1.0)
+  assert set(p["replica_model"]) == set(p["teacher_model"]) == {"mlp(width=0.25)"}
   assert np.isfinite(p["student_logits"]).all() and np.isfinite(p["teacher_logits"]).all()
 
 
@@ -298,10 +301,12 @@ def test_a_diverged_replica_is_excluded_with_the_count(study, tmp_path, monkeypa
   bad = 4  # rcd, seed 1
 
   def poisoned(study_, workdir_, stage):
-    engine, state = load(study_, workdir_, stage)
+    engines, states = load(study_, workdir_, stage)
     if stage == "students":
-      state = state.replace(params=jax.tree.map(lambda a: a.at[bad].set(jnp.nan), state.params))
-    return engine, state
+      state = states["group0"]
+      states = {"group0": state.replace(
+          params=jax.tree.map(lambda a: a.at[bad].set(jnp.nan), state.params))}
+    return engines, states
 
   monkeypatch.setattr(train, "load_final_state", poisoned)
   analysis.run(workdir)
@@ -340,12 +345,11 @@ def test_diverged_flags_from_logits_and_checkpoint_metadata():
 
 
 def test_grid_groups_and_matched_comparisons():
-  from kdjax import replicas as replicas_lib
   from kdjax.analysis import statistics
   from kdjax import study as study_lib
   config = study_lib.load_config(os.path.join(REPO, "configs", "default.py"))
   config.alpha, config.num_seeds = "0.1,0.9", 2
-  rows = replicas_lib.student_replicas(config, total_steps=100)
+  rows = study_lib.resolve(config).students.replicas
   groups = statistics.make_groups(rows, excluded={1})
   names = [g.name for g in groups]
   assert names == ["kd[alpha=0.1]", "kd[alpha=0.9]", "rcd[alpha=0.1]", "rcd[alpha=0.9]", "siddo"]

@@ -133,8 +133,8 @@ def _trees_equal(a, b) -> bool:
 
 
 def _engine(study, stage: str) -> engine_lib.Engine:
-  teacher_module = study.teacher.module(study.dataset.num_classes) if stage == "students" else None
-  return engine_lib.Engine(study, stage, teacher_module=teacher_module)
+  (group,) = study.stage(stage).groups  # these studies have one model per stage
+  return engine_lib.Engine(study, group)
 
 
 def _placed(engine, study, teachers=None):
@@ -150,7 +150,7 @@ def _drive(engine, study, teachers=None, *, state=None, stop=None):
   kdjax.train.run_stage does, without checkpoints or logs."""
   arrays, teachers = _placed(engine, study, teachers)
   state = engine.init_state() if state is None else state
-  stop = engine.stage.total_steps if stop is None else stop
+  stop = engine.group.total_steps if stop is None else stop
   while int(state.step) < stop:
     _, order = engine.order_for_step(state, study.num_train)
     state, _ = engine.train_step(state, order, arrays, teachers)
@@ -263,7 +263,7 @@ def two_device_runs(two_device_jobs):
   for execution, (_, log) in two_device_jobs.jobs.items():
     output = log.read_text() if log.exists() else "(not started)"
     assert returncodes.get(execution) == 0, output[-3000:]
-    assert f"({execution}, 2 cpu device(s))" in output, output[-3000:]
+    assert f"; {execution}, 2 cpu device(s))" in output, output[-3000:]
   return two_device_jobs.workdirs
 
 
@@ -288,12 +288,12 @@ def workdir_a(study, tmp_path_factory, two_device_jobs):
 
 @pytest.fixture(scope="module")
 def teacher_final(study, workdir_a):
-  return train.load_final_state(study, workdir_a, "teacher")[1]
+  return train.load_final_state(study, workdir_a, "teacher")[1]["group0"]
 
 
 @pytest.fixture(scope="module")
 def students_final(study, workdir_a):
-  return train.load_final_state(study, workdir_a, "students")[1]
+  return train.load_final_state(study, workdir_a, "students")[1]["group0"]
 
 
 @pytest.fixture(scope="module")
@@ -632,21 +632,22 @@ def test_checkpoint_restart_gives_the_same_final_state(study, workdir_a, teacher
   engine = _engine(study, "students")
   state = _drive(engine, study, teachers, stop=4)
   ckpt = train.checkpoints(str(workdir_b), "students", study.config)
-  metadata = checkpoint_lib.replica_metadata("students", engine.stage.replicas)
-  assert ckpt.save(4, state, metadata, force=True)
+  metadata = checkpoint_lib.replica_metadata("students", engine.group.replicas)
+  assert ckpt.save(4, {"group0": state}, metadata, force=True)
   ckpt.wait()
   ckpt.close()
 
   resumed_engine = _engine(study, "students")
   ckpt = train.checkpoints(str(workdir_b), "students", read_only=True)
-  restored, restored_metadata = ckpt.restore(resumed_engine.abstract_state(), 4)
+  restored, restored_metadata = ckpt.restore({"group0": resumed_engine.abstract_state()}, 4)
+  restored = restored["group0"]
   ckpt.close()
   assert int(restored.step) == 4 and restored_metadata == metadata
   final = _drive(resumed_engine, study, teachers, state=resumed_engine.place(restored))
   _assert_trees_equal(final, students_final, what="manual restart")
 
   train.run_stage(study, "students", str(workdir_b))
-  _, resumed = train.load_final_state(study, str(workdir_b), "students")
+  resumed = train.load_final_state(study, str(workdir_b), "students")[1]["group0"]
   _assert_trees_equal(resumed, students_final, what="run_stage resume")
   capsys.readouterr()
 
@@ -668,7 +669,7 @@ def test_two_devices_give_the_results_of_one(execution, study, workdir_a, two_de
   1-device process (train on several accelerators, analyse on one)."""
   workdir = two_device_runs[execution]
   for stage, expected in (("teacher", teacher_final), ("students", students_final)):
-    _, state = train.load_final_state(study, workdir, stage)
+    state = train.load_final_state(study, workdir, stage)[1]["group0"]
     assert int(state.step) == int(expected.step)
     _assert_trees_close(state.params, expected.params, rtol=1e-5, atol=1e-6,
                         what=f"2 devices {execution} {stage}")

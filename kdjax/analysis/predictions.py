@@ -164,19 +164,20 @@ def _check_metadata(metadata: dict, replicas, stage: str) -> None:
 
 def collect(study: study_lib.Study, workdir: str) -> Predictions:
   """Runs every teacher and student on the eval split of `study` (see the module docstring)."""
-  teacher_engine, teacher_state = train.load_final_state(study, workdir, "teacher")
-  student_engine, student_state = train.load_final_state(study, workdir, "students")
+  teacher_engines, teacher_states = train.load_final_state(study, workdir, "teacher")
+  student_engines, student_states = train.load_final_state(study, workdir, "students")
   teacher_meta = _stage_metadata(workdir, "teacher")
   student_meta = _stage_metadata(workdir, "students")
   _check_metadata(teacher_meta, study.teacher.replicas, "teacher")
   _check_metadata(student_meta, study.students.replicas, "students")
-  teacher_vars, student_vars = teacher_state.variables(), student_state.variables()
-  del teacher_state, student_state  # the optimiser state is not needed
+  teacher_vars = {k: state.variables() for k, state in teacher_states.items()}
+  student_vars = {k: state.variables() for k, state in student_states.items()}
+  del teacher_states, student_states  # the optimiser state is not needed
 
   spec = study.dataset
   test = study.data["test"]
   num_examples = len(test["label"])
-  eval_arrays = data_lib.to_device(test, student_engine.replicated)
+  eval_arrays = data_lib.to_device(test, student_engines[0].replicated)
   indices, masks = data_lib.eval_indices(num_examples, int(study.config.eval_batch_size))
   num_teachers, num_students = len(study.teacher.replicas), len(study.students.replicas)
   compared = compared_teachers(study.students.replicas, num_teachers)
@@ -188,8 +189,8 @@ def collect(study: study_lib.Study, workdir: str) -> Predictions:
   for step, (idx, mask) in enumerate(zip(indices, masks)):
     batch = engine_lib.eval_batch_jit(eval_arrays, spec, idx, mask)
     x = batch[spec.input_key]
-    t_logits = teacher_engine.predict(teacher_vars, x)
-    s_logits = student_engine.predict(student_vars, x)
+    t_logits = stage_logits(teacher_engines, teacher_vars, x)
+    s_logits = stage_logits(student_engines, student_vars, x)
     args = (s_logits, t_logits, compared, pairs, batch["label"], batch["mask"])
     if states is None:
       states = _zeros_like_states(*args)
@@ -215,6 +216,15 @@ def collect(study: study_lib.Study, workdir: str) -> Predictions:
       teacher_metadata=teacher_meta, student_metadata=student_meta)
 
 
+def stage_logits(stage_engines, variables: dict, x) -> jax.Array:
+  """[R, B, ..., C] logits of every replica of a stage, in stage order, from its groups."""
+  parts = [e.predict(variables[e.group.key], x) for e in stage_engines]
+  if len(parts) == 1:
+    return parts[0]
+  order = np.argsort(np.concatenate([e.group.indices for e in stage_engines]))
+  return jnp.take(jnp.concatenate(parts), jnp.asarray(order), axis=0)
+
+
 def save_npz(path: str, study: study_lib.Study, preds: Predictions) -> None:
   """WORKDIR/analysis/predictions.npz with exactly the DESIGN.md keys."""
   replicas = study.students.replicas
@@ -227,5 +237,7 @@ def save_npz(path: str, study: study_lib.Study, preds: Predictions) -> None:
       "replica_teacher": preds.compared_teacher.astype(np.int32),
       "replica_alpha": np.array([r.alpha for r in replicas], np.float32),
       "replica_temperature": np.array([r.temperature for r in replicas], np.float32),
+      "replica_model": np.array([r.model for r in replicas], dtype=str),
+      "teacher_model": np.array([t.model for t in study.teacher.replicas], dtype=str),
   }
   np.savez(path, **arrays)

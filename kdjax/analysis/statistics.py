@@ -9,7 +9,8 @@ the metrics of each comparison (`kdjax.stats.holm`), since one comparison tests 
 
 Groups. An arm with one grid point is one group named by the arm ("kd"). An arm whose replicas
 span several grid points (alpha, temperature, learning rate, KD switch steps) has one group per
-point, named by the hyperparameters that vary within the arm: "kd[alpha=0.1,T=4]". Each group of
+point, named by the hyperparameters that vary within the arm: "kd[alpha=0.1,T=4]"; a study with
+several student or teacher models splits by those too: "kd[model=cnn(width=0.5),alpha=0.1]". Each group of
 the reference arm is compared with the group of every other arm at the same values of the
 hyperparameters that arm varies over (rcd spans the alpha grid, so kd[alpha=0.1] meets
 rcd[alpha=0.1]; siddo has no alpha, so every kd group meets the one siddo group).
@@ -36,8 +37,9 @@ BOOTSTRAP_SEED = 0
 CONFIDENCE = 0.95
 
 # Grid hyperparameters that can split an arm into groups: (Replica field, label in a group name).
-GRID_FIELDS = (("alpha", "alpha"), ("temperature", "T"), ("learning_rate", "lr"),
-               ("kd_start", "kd_start"), ("kd_stop", "kd_stop"))
+GRID_FIELDS = (("model", "model"), ("teacher_model", "teacher"), ("alpha", "alpha"),
+               ("temperature", "T"), ("learning_rate", "lr"), ("kd_start", "kd_start"),
+               ("kd_stop", "kd_stop"))
 
 # +1: larger means more similar to the teacher (or better); -1: smaller does.
 HIGHER_IS_MORE_SIMILAR = {
@@ -67,8 +69,8 @@ class Group:
     return _ARM_DISPLAY.get(self.arm, self.arm) + self.name[len(self.arm):]
 
 
-def _fmt(value: float) -> str:
-  return f"{value:g}"
+def _fmt(value) -> str:
+  return value if isinstance(value, str) else f"{value:g}"
 
 
 def make_groups(replicas: Sequence, excluded: set[int]) -> list[Group]:
