@@ -6,30 +6,64 @@ Each checkpoint step holds two items:
   replicas  JSON metadata naming every replica (arm, seed, teacher, alpha, temperature, ...)
             and the stage it belongs to.
 The same metadata is written beside the checkpoints as `replicas.json` for people and tools.
+
+A step is written under a temporary name and renamed to its bare number when complete (Orbax),
+so a run killed while saving leaves no step behind, only a temporary directory. A complete step
+whose files were damaged afterwards (a truncated or overwritten file) is found when it is
+restored: `restore_latest` then falls back to the newest step that can be read, with a warning,
+and sets the damaged steps aside as `<step>.unreadable-<time>` so training can write them
+again. When steps exist and none can be read it raises `UnreadableCheckpointError` instead of
+starting over.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any, Sequence
 
 import orbax.checkpoint as ocp
+from absl import logging
 
 from kdjax.replicas import Replica
 
 
+class UnreadableCheckpointError(RuntimeError):
+  """A checkpoint step (or every step of a directory) that cannot be restored."""
+
+
 def replica_metadata(stage: str, replicas: Sequence[Replica], **extra) -> dict[str, Any]:
-  return {"stage": stage, "replicas": [r.to_json() for r in replicas], **extra}
+  """{"stage", "replicas": [row per replica: its identity and "diverged"], **extra}."""
+  return {"stage": stage, "replicas": [{**r.to_json(), "diverged": False} for r in replicas],
+          **extra}
+
+
+def finished_steps(directory: str) -> list[int]:
+  """The complete steps in `directory`, ascending, as Orbax lists them: temporary directories
+  of unfinished saves and set-aside unreadable steps are not steps."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(ocp.path.step.checkpoint_steps(directory))
 
 
 def latest_finished_step(directory: str) -> int | None:
-  """The newest finalised checkpoint step in `directory` without opening a manager (orbax
-  writes a step to a temporary name and renames it to the bare step number when complete)."""
-  if not os.path.isdir(directory):
-    return None
-  steps = [int(name) for name in os.listdir(directory) if name.isdigit()]
-  return max(steps) if steps else None
+  """The newest complete step in `directory` (None if there is none), without opening a
+  manager: the step `StageCheckpoints.restore_latest` tries first."""
+  steps = finished_steps(directory)
+  return steps[-1] if steps else None
+
+
+def _cause(error: BaseException) -> str:
+  """The innermost error's first line, shortened: TensorStore wraps the useful message
+  ("OUT_OF_RANGE: Error reading ...") in an error that carries a whole spec dump."""
+  seen = {id(error)}
+  while (inner := error.__cause__ or error.__context__) is not None and id(inner) not in seen:
+    error = inner
+    seen.add(id(error))
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  first = lines[0] if lines else ""
+  return f"{type(error).__name__}: {first[:300]}{'...' if len(first) > 300 else ''}"
 
 
 class StageCheckpoints:
@@ -38,6 +72,7 @@ class StageCheckpoints:
   def __init__(self, directory: str, *, save_every_steps: int | None = None,
                keep: int | None = None, read_only: bool = False):
     self.directory = os.path.abspath(directory)
+    self.read_only = read_only
     if read_only:
       # Not orbax's read_only mode, which logs a warning on every open; this manager only reads.
       options = ocp.CheckpointManagerOptions(create=False)
@@ -51,6 +86,10 @@ class StageCheckpoints:
     return self.manager.latest_step()
 
   def save(self, step: int, state, metadata: dict[str, Any], *, force: bool = False) -> bool:
+    """Saves asynchronously; False if skipped (not a save step, or `step` is already saved,
+    e.g. a stop request at a step the interval has just saved)."""
+    if force and step in self.manager.all_steps():
+      return False
     saved = self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), replicas=ocp.args.JsonSave(metadata)), force=force)
     if saved:
@@ -59,13 +98,62 @@ class StageCheckpoints:
     return saved
 
   def restore(self, abstract_state, step: int | None = None):
-    """(state, metadata) at `step` (default: latest); `abstract_state` gives shapes/shardings."""
-    step = self.latest_step() if step is None else step
+    """(state, metadata) at exactly `step`; `step=None`: the newest readable step
+    (`restore_latest`). `abstract_state` gives shapes/shardings. Raises
+    UnreadableCheckpointError if the step's files cannot be read."""
     if step is None:
-      raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), replicas=ocp.args.JsonRestore()))
+      _, state, metadata = self.restore_latest(abstract_state)
+      return state, metadata
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), replicas=ocp.args.JsonRestore()))
+    # Damaged files surface as TensorStore's bare Exception, ValueError (missing or garbled
+    # metadata, a tree that no longer matches), KeyError (a missing item) or JSONDecodeError.
+    except Exception as e:  # pylint: disable=broad-except
+      raise UnreadableCheckpointError(
+          f"checkpoint step {step} in {self.directory} cannot be read ({_cause(e)}); rerunning "
+          "the stage that wrote it resumes from its previous readable step") from e
     return restored.state, restored.replicas
+
+  def restore_latest(self, abstract_state):
+    """(step, state, metadata) of the newest step that can be read.
+
+    Newer steps that cannot be read are skipped with an absl WARNING naming them and the step
+    used; a writable manager sets them aside (renamed `<step>.unreadable-<time>`, not deleted)
+    so that training can save those steps again. Raises FileNotFoundError if the directory has
+    no step, UnreadableCheckpointError if it has steps and none can be read.
+    """
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    if not steps:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    failures = []
+    for step in steps:
+      try:
+        state, metadata = self.restore(abstract_state, step)
+      except UnreadableCheckpointError as e:
+        failures.append((step, e))
+        continue
+      if failures:
+        self._skip_unreadable(failures, step)
+      return step, state, metadata
+    raise UnreadableCheckpointError(
+        f"no checkpoint in {self.directory} can be read (steps "
+        f"{', '.join(str(s) for s, _ in failures)}; newest: {_cause(failures[0][1].__cause__)}); "
+        "kdjax does not start a stage over while checkpoints exist: move the directory away to "
+        "train the stage from the start")
+
+  def _skip_unreadable(self, failures, used: int) -> None:
+    bad = ", ".join(str(s) for s, _ in failures)
+    aside = ""
+    if not self.read_only:
+      stamp = time.strftime("%Y%m%d-%H%M%S")
+      names = [f"{step}.unreadable-{stamp}" for step, _ in failures]
+      for (step, _), name in zip(failures, names):
+        os.rename(os.path.join(self.directory, str(step)), os.path.join(self.directory, name))
+      self.manager.reload()  # its cached step list still holds the renamed steps
+      aside = f"; set aside as {', '.join(names)}"
+    logging.warning("checkpoint step %s in %s cannot be read (%s); restored step %d instead%s",
+                    bad, self.directory, _cause(failures[0][1].__cause__), used, aside)
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -15,8 +15,14 @@ path differs (DESIGN.md, "Measured on the project's machines"):
                vmapped convolution into a grouped convolution that runs 4.4x slower than separate
                ones; unrolled replicas run as fast as separate jitted calls. On a single device
                every replica's arm is also static, so e.g. a SIDDO replica never runs a teacher.
-The replica axis is laid over a 1-D device mesh ('replica'); with several devices each runs its
-block of replicas (`jax.shard_map`), and the results equal a single device's.
+The devices of all processes form a 2-D mesh ('replica', 'data') (`make_mesh`, config `mesh`).
+Each row of the mesh runs its block of replicas (`jax.shard_map`). Within a row each replica's
+batch is split over 'data': a shard's loss is its part of the whole batch's masked mean
+(sum over its examples / count over all shards), so summing loss and gradients over 'data' gives
+the whole batch's; BatchNorm averages its statistics over 'data' (the transpose of that average
+carries the cross-shard gradient terms), and RCD noise is drawn for the whole batch and sliced.
+The results therefore equal a single device's up to the order of reductions; only dropout draws
+differ (each shard draws its own, with its index folded into the key).
 """
 
 from __future__ import annotations
@@ -33,11 +39,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from kdjax import arms as arms_lib
 from kdjax import data as data_lib
+from kdjax import distributed
 from kdjax import losses
 from kdjax import models as models_lib
 from kdjax import optim
 from kdjax import replicas as replicas_lib
-from kdjax.study import Group, Study
+from kdjax.models import _common as models_common
+from kdjax.study import MESH_AXES, Group, Study, mesh_shape
 
 TRAIN_STREAMS = ("data", "augment", "rcd", "dropout")
 
@@ -48,12 +56,15 @@ class TrainState:
 
   `keys` holds each replica's raw PRNG keys per named stream; with `step` they determine the
   data order, augmentation, RCD noise and dropout, so a restored state continues exactly.
+  `diverged` [R] marks replicas whose loss or parameters became NaN/inf: they are frozen at
+  their last finite state while the others train on.
   """
   step: jax.Array
   params: Any
   batch_stats: Any
   opt_state: Any
   keys: dict[str, jax.Array]
+  diverged: jax.Array
 
   def variables(self) -> dict[str, Any]:
     return _variables(self.params, self.batch_stats)
@@ -78,10 +89,28 @@ def _select(codes_and_values, code):
   return out
 
 
-def _masked_mean(per_example, mask):
+def _masked_mean(per_example, mask, axis_name: str | None = None):
+  """sum(l * m) / max(sum(m), 1); with `axis_name` the count is summed over that mapped axis, so
+  the value is this shard's part of the mean over all shards' examples."""
   mask = jnp.reshape(mask, mask.shape + (1,) * (per_example.ndim - mask.ndim))
   mask = jnp.broadcast_to(mask, per_example.shape)
-  return jnp.sum(per_example * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+  count = jnp.sum(mask)
+  if axis_name is not None:
+    count = jax.lax.psum(count, axis_name)
+  return jnp.sum(per_example * mask) / jnp.maximum(count, 1.0)
+
+
+def make_mesh(mesh_config=None, devices=None) -> Mesh:
+  """The ('replica', 'data') mesh of `mesh_config` ({"replica": r, "data": d}, -1 fills;
+  kdjax.study.mesh_shape) over `devices` (default: every process's devices, `jax.devices()`).
+
+  Devices are laid out row-major in `jax.devices()` order, which lists each process's devices
+  together: a replica's 'data' shards sit on neighbouring devices of one host (the gradient sum
+  stays inside the host whenever data divides the devices per host) and hosts split 'replica'.
+  """
+  devices = jax.devices() if devices is None else list(devices)
+  shape = mesh_shape(mesh_config, len(devices))
+  return Mesh(np.array(devices).reshape(shape), MESH_AXES)
 
 
 def backend_execution(requested: str) -> str:
@@ -94,7 +123,7 @@ class Engine:
   """Builds and runs the jitted programs of one group of a stage (one model; kdjax.study.Group):
   `teacher_module` is the model of the teachers it reads."""
 
-  def __init__(self, study: Study, group: Group, *, devices=None):
+  def __init__(self, study: Study, group: Group, *, devices=None, mesh: Mesh | None = None):
     self.study = study
     self.config = study.config
     self.group: Group = group
@@ -113,8 +142,10 @@ class Engine:
     self.signal_codes = np.array([arms_lib.TEACHER_SIGNALS.index(a.teacher_signal)
                                   for a in self.arms], np.int32)
     self.execution = backend_execution(self.config.execution)
-    devices = np.array(jax.devices() if devices is None else devices)
-    self.mesh = Mesh(devices, ("replica",))
+    # `mesh` (a ('replica', 'data') Mesh) overrides the config's mesh over `devices`.
+    self.mesh = make_mesh(self.config.get("mesh"), devices) if mesh is None else mesh
+    self.data_size = int(self.mesh.shape["data"])
+    self._data_axis = "data" if self.data_size > 1 else None  # None: no collective at all
     self.replica_sharding = NamedSharding(self.mesh, P("replica"))
     self.replicated = NamedSharding(self.mesh, P())
     self.options = study.loss_options
@@ -151,7 +182,8 @@ class Engine:
     opt_state = self._init_optimizer(params, lrs)
     batch_stats = variables.get("batch_stats", {})
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                       opt_state=opt_state, keys=keys)
+                       opt_state=opt_state, keys=keys,
+                       diverged=jnp.zeros((self.num_replicas,), bool))
     return self.place(state)
 
   def place(self, state: TrainState) -> TrainState:
@@ -161,7 +193,8 @@ class Engine:
         params=jax.device_put(state.params, self.replica_sharding),
         batch_stats=jax.device_put(state.batch_stats, self.replica_sharding),
         opt_state=jax.device_put(state.opt_state, self.replica_sharding),
-        keys=jax.device_put(state.keys, self.replica_sharding))
+        keys=jax.device_put(state.keys, self.replica_sharding),
+        diverged=jax.device_put(state.diverged, self.replica_sharding))
 
   def abstract_state(self) -> TrainState:
     """Shapes, dtypes and this engine's shardings of the state: the restore target, so a
@@ -176,7 +209,8 @@ class Engine:
         params=jax.tree.map(on(self.replica_sharding), shapes.params),
         batch_stats=jax.tree.map(on(self.replica_sharding), shapes.batch_stats),
         opt_state=jax.tree.map(on(self.replica_sharding), shapes.opt_state),
-        keys=jax.tree.map(on(self.replica_sharding), shapes.keys))
+        keys=jax.tree.map(on(self.replica_sharding), shapes.keys),
+        diverged=on(self.replica_sharding)(shapes.diverged))
 
   # ---------------------------------------------------------------- one replica
 
@@ -184,9 +218,14 @@ class Engine:
                       hp: arms_lib.ReplicaHParams, step):
     """(teacher logits, teacher features) of one replica for one signal kind."""
     if signal == "noise":
+      shape = student_logits.shape
+      # The whole batch's noise, then this data shard's rows: the draws of a data=1 run.
       noise = losses.random_control_logits(
-          jax.random.fold_in(keys["rcd"], step), student_logits.shape,
+          jax.random.fold_in(keys["rcd"], step), (shape[0] * self.data_size,) + shape[1:],
           minval=self.options.rcd_minval, maxval=self.options.rcd_maxval)
+      if self._data_axis is not None:
+        noise = jax.lax.dynamic_slice_in_dim(
+            noise, jax.lax.axis_index(self._data_axis) * shape[0], shape[0])
       return noise, None
     if signal == "ensemble":
       num_teachers = jax.tree.leaves(teachers.variables)[0].shape[0]
@@ -203,13 +242,17 @@ class Engine:
       return self.teacher_module.apply(variables, x, train=False), None
     return jnp.zeros_like(student_logits), None
 
-  def _replica_update(self, params, batch_stats, opt_state, keys, hp, kind_code, signal_code,
-                      x, labels, mask, step, teachers, *, kinds, signals):
+  def _replica_update(self, params, batch_stats, opt_state, keys, diverged, hp, kind_code,
+                      signal_code, x, labels, mask, step, teachers, *, kinds, signals):
     """One optimiser step of one replica. `kinds`/`signals` are the loss kinds and teacher
-    signals this replica may have (one each when its arm is static)."""
+    signals this replica may have (one each when its arm is static).
+
+    Divergence isolation: when the loss, the gradients' norm or a new parameter is NaN/inf, or
+    the replica had diverged before, its parameters, batch statistics and optimiser state stay
+    as they were and it is marked diverged; replicas never mix, so the others are untouched."""
     mutable = (["batch_stats"] if batch_stats else []) + \
         (["features"] if self._needs_features else [])
-    rngs = {"dropout": jax.random.fold_in(keys["dropout"], step)}
+    rngs = {"dropout": self._dropout_key(keys["dropout"], step)}
 
     def loss_fn(params):
       out, new_state = self.module.apply(_variables(params, batch_stats), x, train=True,
@@ -228,26 +271,57 @@ class Engine:
                                student_features=student_features,
                                teacher_features=teacher_features))
            for k in kinds], kind_code)
-      return _masked_mean(per_example, mask), (out, new_state.get("batch_stats", {}))
+      return _masked_mean(per_example, mask, self._data_axis), \
+          (out, new_state.get("batch_stats", {}))
 
     (loss, (logits, new_batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = self.tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
+    loss, grads = self._data_sum((loss, grads))  # the data shards' parts of the batch mean
+    updates, new_opt_state = self.tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads)) & \
+        jnp.isfinite(optax.global_norm(new_params))
+    if new_batch_stats:
+      finite &= jnp.isfinite(optax.global_norm(new_batch_stats))
+    diverged = diverged | ~finite
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(diverged, o, n), new, old)
     correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-    metrics = {"loss": loss, "accuracy": _masked_mean(correct, mask)}
-    return params, new_batch_stats, opt_state, metrics
+    metrics = {"loss": loss,
+               "accuracy": self._data_sum(_masked_mean(correct, mask, self._data_axis))}
+    return (keep(new_params, params), keep(new_batch_stats, batch_stats),
+            keep(new_opt_state, opt_state), diverged, metrics)
+
+  def _data_sum(self, tree):
+    """Sum over the 'data' mesh axis (the identity without one)."""
+    if self._data_axis is None:
+      return tree
+    return jax.lax.psum(tree, self._data_axis)
+
+  def _dropout_key(self, key, step):
+    """fold_in(key, step); with a data axis also the shard's index, so shards draw their own."""
+    key = jax.random.fold_in(key, step)
+    if self._data_axis is None:
+      return key
+    return jax.random.fold_in(key, jax.lax.axis_index(self._data_axis))
 
   # ---------------------------------------------------------------- all replicas
 
   def _map_replicas(self, fn: Callable, per_replica: tuple, shared: tuple, *,
-                    static_arms: bool):
+                    static_arms: bool, specs: tuple | None = None, out_specs=P("replica")):
     """Applies fn(*per_replica_slices, *shared, kinds=..., signals=...) over the replica axis.
 
     per_replica: pytrees with a leading replica axis; shared: pytrees every replica sees.
+    specs: their shard_map specs (per_replica specs, shared specs); default P('replica') and P()
+    each; a batch axis is sharded over 'data' with P('replica', 'data') / P('data').
     """
     num_devices = self.mesh.devices.size
+    if specs is None:
+      specs = ((P("replica"),) * len(per_replica), (P(),) * len(shared))
 
     def local(per_replica, shared, offset_static: bool):
+      with models_common.batch_norm_axis(self._data_axis):
+        return local_replicas(per_replica, shared, offset_static)
+
+    def local_replicas(per_replica, shared, offset_static: bool):
       num_local = jax.tree.leaves(per_replica)[0].shape[0]
       if self.execution == "vmap":
         return jax.vmap(lambda *a: fn(*a, *shared, kinds=self.kinds, signals=self.signals))(
@@ -265,9 +339,12 @@ class Engine:
 
     if num_devices == 1:
       return local(per_replica, shared, static_arms)
-    mapped = jax.shard_map(lambda pr, sh: local(pr, sh, False), mesh=self.mesh,
-                           in_specs=(P("replica"), P()), out_specs=P("replica"),
-                           check_vma=False)
+    # One replica shard: every device holds all replicas, so each replica's arm is static.
+    static = static_arms and self.mesh.shape["replica"] == 1
+    # check_vma=False: psum's transpose is then a psum, which sums every shard's loss terms
+    # into the cotangents of the BatchNorm statistics (the whole batch's gradient).
+    mapped = jax.shard_map(lambda pr, sh: local(pr, sh, static), mesh=self.mesh,
+                           in_specs=specs, out_specs=out_specs, check_vma=False)
     return mapped(per_replica, shared)
 
   def _train_step(self, state: TrainState, order, arrays: Mapping[str, jax.Array],
@@ -279,19 +356,14 @@ class Engine:
         order=order, augment_preset=tuple(r.augment for r in self.group.replicas))
     x, labels, mask = batch[self.spec.input_key], batch["label"], batch["mask"]
 
-    def update(params, batch_stats, opt_state, keys, hp, kind_code, signal_code, x, labels,
-               mask, step, teachers, *, kinds, signals):
-      return self._replica_update(params, batch_stats, opt_state, keys, hp, kind_code,
-                                  signal_code, x, labels, mask, step, teachers, kinds=kinds,
-                                  signals=signals)
-
-    params, batch_stats, opt_state, metrics = self._map_replicas(
-        update,
-        (state.params, state.batch_stats, state.opt_state, state.keys, self.hp,
-         self.kind_codes, self.signal_codes, x, labels, mask),
-        (step, teachers), static_arms=True)
+    per_replica = (state.params, state.batch_stats, state.opt_state, state.keys, state.diverged,
+                   self.hp, self.kind_codes, self.signal_codes, x, labels, mask)
+    # x, labels and mask (last) have a batch axis, split over 'data'.
+    specs = ((P("replica"),) * (len(per_replica) - 3) + (P("replica", "data"),) * 3, (P(), P()))
+    params, batch_stats, opt_state, diverged, metrics = self._map_replicas(
+        self._replica_update, per_replica, (step, teachers), static_arms=True, specs=specs)
     new_state = state.replace(step=step + 1, params=params, batch_stats=batch_stats,
-                              opt_state=opt_state)
+                              opt_state=opt_state, diverged=diverged)
     return new_state, metrics
 
   def _predict(self, variables, x):
@@ -301,7 +373,9 @@ class Engine:
       del kinds, signals
       return self.module.apply(variables, x, train=False)
 
-    return self._map_replicas(apply, (variables,), (x,), static_arms=False)
+    return self._map_replicas(apply, (variables,), (x,), static_arms=False,
+                              specs=((P("replica"),), (P("data"),)),
+                              out_specs=P("replica", "data"))
 
   # ---------------------------------------------------------------- host-side helpers
 
@@ -321,7 +395,7 @@ class Engine:
       batch = eval_batch_jit(eval_arrays, self.spec, idx, mask)
       logits = self.predict(variables, batch[self.spec.input_key])
       correct, ce, count = _eval_sums(logits, batch["label"], batch["mask"])
-      totals += np.stack([np.asarray(correct), np.asarray(ce), np.asarray(count)])
+      totals += np.stack([distributed.to_host(v) for v in (correct, ce, count)])
     return {"accuracy": totals[0] / totals[2], "loss": totals[1] / totals[2]}
 
 

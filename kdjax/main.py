@@ -5,14 +5,21 @@
 `--config.stages=students` (a comma-separated subset of teacher,students,analysis) runs some
 stages; a stage resumes from its latest checkpoint. Invalid input gets one line on stderr naming
 the key and what is allowed, exit code 2, and nothing written.
+
+Reliability: a run holds an exclusive lock on WORKDIR (a second run there is refused, exit 2);
+SIGTERM or Ctrl-C during training saves a checkpoint at the current step and exits with
+128 + the signal number (143, 130) and one line saying so; after that, or after a kill -9,
+rerunning the same command resumes and ends with the results of an uninterrupted run.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import shutil
+import socket
 import sys
 
 from absl import app
@@ -26,8 +33,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs
 
 # Keys that may change between runs of one study (how it is run, not what it is).
 RUN_KEYS = ("stages", "overwrite", "execution", "log_every_steps", "eval_every_steps",
-            "checkpoint_every_steps", "keep_checkpoints", "eval_batch_size", "data_dir")
+            "checkpoint_every_steps", "keep_checkpoints", "eval_batch_size", "data_dir", "mesh")
 STAGE_DIRS = ("teacher", "students", "analysis")
+LOCK_FILE = ".kdjax.lock"
 
 
 def fail(message: str) -> None:
@@ -59,6 +67,39 @@ def _check_workdir(workdir: str, config) -> bool:
   return True
 
 
+def _check_workdir_state(study, config, workdir: str) -> bool:
+  """Checks what the workdir holds against the request (raises ConfigError/RuntimeError);
+  True if it holds a different study that `overwrite` replaces."""
+  from kdjax import train  # pylint: disable=g-import-not-at-top
+  replace = _check_workdir(workdir, config)
+  for earlier in train.prerequisites(study):
+    if replace:
+      raise RuntimeError(f"--config.overwrite=True replaces this workdir's {earlier} stage, "
+                         f"which --config.stages={config.stages} needs; add {earlier} to stages")
+    train.check_finished(study, workdir, earlier)
+  return replace
+
+
+def lock_workdir(workdir: str) -> int:
+  """Takes an exclusive lock on WORKDIR/.kdjax.lock for the rest of this process (fcntl.flock,
+  non-blocking) and writes "PID HOST" into the file; returns its descriptor. The kernel drops
+  the lock when the process ends, however it ends, so a kill -9 leaves no stale lock. Raises
+  RuntimeError naming the holder when another process has it."""
+  os.makedirs(workdir, exist_ok=True)
+  fd = os.open(os.path.join(workdir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    holder = os.pread(fd, 256, 0).decode(errors="replace").split()
+    os.close(fd)
+    who = f"pid {holder[0]} on {holder[1]}" if len(holder) >= 2 else "another process"
+    raise RuntimeError(f"--workdir: {workdir} is in use by another kdjax run ({who}); wait for "
+                       "it to end or use another --workdir") from None
+  os.ftruncate(fd, 0)
+  os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+  return fd
+
+
 class _KdjaxRecords(logging.Filter):
   """Keeps the console to kdjax's own lines and warnings: Orbax, TFDS and JAX log every
   checkpoint write and file read at INFO level through absl."""
@@ -85,38 +126,44 @@ def main(argv) -> None:
     fail(f"--config: cannot load the config file: {lines[-1] if lines else type(e).__name__}")
 
   # Import after flag parsing: JAX and TensorFlow take seconds to load, a bad flag should not.
+  from kdjax import distributed  # pylint: disable=g-import-not-at-top
+  try:  # before anything touches a device: the mesh spans every process's devices
+    distributed.initialize()
+  except ValueError as e:
+    fail(str(e))
   from kdjax import study as study_lib  # pylint: disable=g-import-not-at-top
+  from kdjax import preemption  # pylint: disable=g-import-not-at-top
+  from kdjax import train  # pylint: disable=g-import-not-at-top
+  primary = distributed.is_primary()  # with several processes, process 0 owns the workdir
   try:
     study = study_lib.resolve(config)
-    replace = _check_workdir(workdir, config)
-  except study_lib.ConfigError as e:
+    _check_workdir_state(study, config, workdir)
+    if primary:
+      # Checked again under the lock: a run that held it may have changed the workdir meanwhile.
+      lock_workdir(workdir)  # held until the process ends: the descriptor is never closed
+      replace = _check_workdir_state(study, config, workdir)
+  except (study_lib.ConfigError, RuntimeError) as e:
     fail(str(e))
-
-  from kdjax import train  # pylint: disable=g-import-not-at-top
-  try:
-    for earlier in train.prerequisites(study):
-      if replace:
-        raise RuntimeError(f"--config.overwrite=True replaces this workdir's {earlier} stage, "
-                           f"which --config.stages={config.stages} needs; add {earlier} to stages")
-      train.check_finished(study, workdir, earlier)
-  except RuntimeError as e:
-    fail(str(e))
-  if replace:
-    for name in STAGE_DIRS:
-      shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  if primary:
+    if replace:
+      for name in STAGE_DIRS:
+        shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  distributed.barrier("kdjax: workdir ready")  # the others start once process 0 has written
 
   for stage in study.stages:
-    if stage == "analysis":
-      from kdjax import analysis  # pylint: disable=g-import-not-at-top
-      analysis.run(workdir, command=" ".join(["python -m kdjax.main"] + sys.argv[1:]))
-    else:
-      try:
+    try:
+      if stage == "analysis":
+        from kdjax import analysis  # pylint: disable=g-import-not-at-top
+        analysis.run(workdir, command=" ".join(["python -m kdjax.main"] + sys.argv[1:]))
+      else:
         train.run_stage(study, stage, workdir)
-      except RuntimeError as e:
-        fail(str(e))
+    except preemption.Preempted as e:
+      print(f"kdjax: {e}", file=sys.stderr, flush=True)
+      sys.exit(e.exit_code)
+    except RuntimeError as e:  # e.g. a prerequisite checkpoint that cannot be read
+      fail(str(e))
 
 
 def _parse_flags(argv):

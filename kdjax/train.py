@@ -20,6 +20,7 @@ from clu import metric_writers
 from kdjax import arms as arms_lib
 from kdjax import checkpoint as checkpoint_lib
 from kdjax import data as data_lib
+from kdjax import distributed
 from kdjax import preemption
 from kdjax.engine import Engine, Teachers
 from kdjax.study import Study
@@ -71,7 +72,7 @@ def stage_values(stage, stage_engines, per_group) -> np.ndarray:
   """[R] stage-order array from per-group [R_g] arrays (aligned with `stage_engines`)."""
   out = np.zeros(len(stage.replicas), np.float64)
   for engine, values in zip(stage_engines, per_group):
-    out[list(engine.group.indices)] = np.asarray(values)
+    out[list(engine.group.indices)] = distributed.to_host(values)  # gathered across hosts
   return out
 
 
@@ -132,14 +133,23 @@ def run_stage(study: Study, stage: str, workdir: str) -> None:
     logging.info("%s: resuming from checkpoint step %d of %d", stage, latest, total)
   else:
     states = {e.group.key: e.init_state() for e in stage_engines}
+  _note_divergence(spec_stage, stage_engines, states, metadata, latest or 0)
 
   logdir = stage_dir(workdir, stage)
-  tensorboard = metric_writers.SummaryWriter(logdir) if jax.process_index() == 0 else None
-  console = metric_writers.LoggingWriter()
+  # Several processes: every one computes (host reads are collectives), process 0 reports.
+  primary = distributed.is_primary()
+  tensorboard = metric_writers.SummaryWriter(logdir) if primary else None
+  console = metric_writers.LoggingWriter() if primary else None
   step = int(states[first.group.key].step)
   models = ", ".join(f"{len(e.group.replicas)} of {e.group.model.label}" for e in stage_engines)
-  print(f"[{stage}] {len(spec_stage.replicas)} replicas ({models}; {first.execution}, "
-        f"{jax.device_count()} {jax.default_backend()} device(s)), {total} steps", flush=True)
+  mesh = dict(first.mesh.shape)
+  where = "" if jax.device_count() == 1 else (
+      f"; mesh replica={mesh['replica']} x data={mesh['data']}" +
+      (f" over {jax.process_count()} processes" if jax.process_count() > 1 else ""))
+  if primary:
+    print(f"[{stage}] {len(spec_stage.replicas)} replicas ({models}; {first.execution}, "
+          f"{jax.device_count()} {jax.default_backend()} device(s)), {total} steps{where}",
+          flush=True)
   epoch, orders = -1, {}
   start_time, start_step = time.perf_counter(), step
   last_metrics = {}
@@ -154,6 +164,10 @@ def run_stage(study: Study, stage: str, workdir: str) -> None:
         states[key], last_metrics[key] = engine.train_step(states[key], orders[key],
                                                            train_arrays, teachers.get(key))
       step += 1
+      if any(step % int(config[k]) == 0 for k in ("log_every_steps", "eval_every_steps",
+                                                  "checkpoint_every_steps")) \
+          or step == total or stop.requested:
+        _note_divergence(spec_stage, stage_engines, states, metadata, step)
       if step % int(config.log_every_steps) == 0 or step == total:
         _progress(stage, step, total, start_time, start_step, _stage_metrics(
             spec_stage, stage_engines, last_metrics))
@@ -168,13 +182,30 @@ def run_stage(study: Study, stage: str, workdir: str) -> None:
         if tensorboard is not None:
           tensorboard.flush()
         raise preemption.Preempted(stop.signum, stage, step, total)
-  if latest is not None and latest >= total:
+  if latest is not None and latest >= total and primary:
     print(f"[{stage}] already finished (checkpoint step {latest})", flush=True)
   ckpt.wait()
   ckpt.close()
   if tensorboard is not None:
     tensorboard.flush()
     tensorboard.close()
+
+
+def _note_divergence(stage, stage_engines, states, metadata: dict, step: int) -> None:
+  """Marks replicas that diverged since the last call in the checkpoint metadata (their row's
+  "diverged", read by the analysis) and warns once for each: it is frozen, the others go on."""
+  flags = stage_values(stage, stage_engines,
+                       [states[e.group.key].diverged for e in stage_engines]).astype(bool)
+  for i in np.flatnonzero(flags):
+    row = metadata["replicas"][i]
+    if row.get("diverged"):
+      continue
+    row["diverged"] = True
+    logging.warning("%s: replica %d (%s, seed %d, model %s, alpha %g, T %g, learning rate %g) "
+                    "diverged (NaN/inf loss, gradient or parameters) by step %d; it is frozen at "
+                    "its last finite parameters and marked diverged, the other replicas go on",
+                    stage.name, i, row["arm"], row["seed"], row["model"], row["alpha"],
+                    row["temperature"], row["learning_rate"], step)
 
 
 def _stage_metrics(stage, stage_engines, per_group: dict) -> dict[str, np.ndarray]:
@@ -185,6 +216,8 @@ def _stage_metrics(stage, stage_engines, per_group: dict) -> dict[str, np.ndarra
 
 
 def _progress(stage, step, total, start_time, start_step, metrics) -> None:
+  if not distributed.is_primary():
+    return
   elapsed = time.perf_counter() - start_time
   rate = (step - start_step) / max(elapsed, 1e-9)
   eta = (total - step) / max(rate, 1e-9)
@@ -203,7 +236,9 @@ def _evaluate(stage, stage_engines, states, eval_arrays, step, tensorboard, cons
   results = {name: stage_values(stage, stage_engines, [r[name] for r in per_group])
              for name in ("accuracy", "loss")}
   arm_acc = _arm_means(stage, results["accuracy"])
-  console.write_scalars(step, {f"{stage.name}/eval_accuracy/{arm}": v for arm, v in arm_acc.items()})
+  if console is not None:
+    console.write_scalars(step, {f"{stage.name}/eval_accuracy/{arm}": v
+                                 for arm, v in arm_acc.items()})
   if tensorboard is None:
     return
   scalars = {}
