@@ -50,8 +50,8 @@ class Arm:
 
 
 ARMS: dict[str, Arm] = {a.name: a for a in [
-    Arm("kd", "teacher", "kd", "teacher", "distillation from the replica's own teacher"),
-    Arm("rcd", "noise", "kd", "teacher", "distillation from uniform noise (random control)"),
+    Arm("kd", "teacher", "kd", "config", "distillation from the replica's own teacher"),
+    Arm("rcd", "noise", "kd", "config", "distillation from uniform noise (random control)"),
     Arm("siddo", "none", "ce", "teacher", "labels only, same init as the teacher, own data order"),
     Arm("onehot", "none", "ce", "fresh", "labels only, fresh init"),
     Arm("label_smoothing", "none", "ce", "fresh", "smoothed labels, fresh init"),

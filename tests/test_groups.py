@@ -1,0 +1,134 @@
+"""Several models in one stage (kdjax.study.Group): teachers of two capacities and students
+distilled from each, one compiled program per group, trained in one run. Each group must end
+exactly where a study holding only that model ends, the students must pair with the right
+teachers, and the analysis must keep the models apart."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from kdjax import study as study_lib
+from kdjax import train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+NARROW, WIDE = "mlp(width=0.05)", "mlp(width=0.1)"
+
+
+def _config(**overrides):
+  config = study_lib.load_config(str(ROOT / "configs" / "default.py"))
+  config.model, config.model_kwargs.width = "mlp", 0.05
+  config.teacher_model = "mlp"
+  config.teacher_model_kwargs.width = 0.05
+  config.teacher_model_grid.width = "0.05,0.1"
+  config.arms, config.student_init, config.num_seeds = "kd,onehot", "fresh", 2
+  config.num_epochs, config.batch_size = 1, 100
+  config.stages = "teacher,students,analysis"
+  for key, value in overrides.items():
+    node, *path, leaf = [config] + key.split(".")
+    for part in path:
+      node = node[part]
+    node[leaf] = value
+  return config
+
+
+def test_rows_and_groups_of_a_two_capacity_study():
+  study = study_lib.resolve(_config())
+  assert [(t.index, t.model) for t in study.teacher.replicas] == [(0, NARROW), (1, WIDE)]
+  rows = [(r.arm, r.seed, r.teacher, r.teacher_model) for r in study.students.replicas]
+  assert rows == [("kd", 0, 0, NARROW), ("kd", 1, 0, NARROW), ("kd", 0, 1, WIDE),
+                  ("kd", 1, 1, WIDE), ("onehot", 0, -1, ""), ("onehot", 1, -1, "")]
+  groups = [(g.key, g.model.label, g.indices, g.teacher_group, g.teacher_indices)
+            for g in study.students.groups]
+  # Students without a teacher join the first program of their model.
+  assert groups == [("group0", NARROW, (0, 1, 4, 5), "group0", (0,)),
+                    ("group1", NARROW, (2, 3), "group1", (1,))]
+  assert [(g.key, g.model.label, g.indices) for g in study.teacher.groups] == [
+      ("group0", NARROW, (0,)), ("group1", WIDE, (1,))]
+
+
+def test_self_distillation_at_several_widths_pairs_each_width_with_its_own_teacher():
+  config = _config(teacher_model="", arms="kd,siddo", student_init="teacher")
+  config.model_grid.width = "0.05,0.1"
+  study = study_lib.resolve(config)
+  assert [t.model for t in study.teacher.replicas] == [NARROW, WIDE]
+  for r in study.students.replicas:
+    assert study.teacher.replicas[r.teacher].model == r.model, r
+  assert len(study.students.groups) == 2
+
+
+def test_identical_init_needs_a_teacher_of_the_students_model():
+  with pytest.raises(study_lib.ConfigError, match="teacher_model.*no teacher model is "
+                     r"mlp\(width=0.2\)"):
+    study_lib.resolve(_config(**{"student_init": "teacher", "model_kwargs.width": 0.2}))
+
+
+def _train(config, workdir: str):
+  study = study_lib.resolve(config)
+  os.makedirs(workdir)
+  with open(os.path.join(workdir, "config.json"), "w") as f:  # as kdjax.main writes it
+    f.write(config.to_json_best_effort())
+  for stage in ("teacher", "students"):
+    train.run_stage(study, stage, workdir)
+  return study, {stage: train.load_final_state(study, workdir, stage)[1]
+                 for stage in ("teacher", "students")}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  base = tmp_path_factory.mktemp("groups")
+  both = _train(_config(), str(base / "both"))
+  wide_only = _train(_wide_only_config(), str(base / "wide"))
+  return base, both, wide_only
+
+
+def _wide_only_config():
+  """The wide teacher alone (no capacity grid) and kd students that learn from it."""
+  config = _config(arms="kd")
+  config.teacher_model_kwargs.width = 0.1
+  config.teacher_model_grid = type(config.teacher_model_grid)()
+  return config
+
+
+def _leaves(state, rows=None):
+  leaves = [np.asarray(a) for a in jax.tree.leaves(state.params)]
+  return leaves if rows is None else [a[rows] for a in leaves]
+
+
+def test_each_group_ends_where_a_study_of_that_model_alone_ends(trained):
+  _, (_, both), (_, alone) = trained
+  for a, b in zip(_leaves(both["teacher"]["group1"]), _leaves(alone["teacher"]["group0"])):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  # Students 2, 3 (kd from the wide teacher) are group1's replicas 0, 1.
+  for a, b in zip(_leaves(both["students"]["group1"]), _leaves(alone["students"]["group0"])):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  # The two teachers really differ in capacity.
+  widths = [jax.tree.leaves(both["teacher"][k].params)[0].shape for k in ("group0", "group1")]
+  assert widths[0] != widths[1]
+
+
+def test_the_analysis_keeps_the_teacher_models_apart(trained):
+  from kdjax import analysis  # pylint: disable=g-import-not-at-top
+  base, (study, _), _ = trained
+  workdir = str(base / "both")
+  results = analysis.run(workdir)
+  names = list(results["groups"])
+  assert names == [f"kd[teacher={NARROW}]", f"kd[teacher={WIDE}]", "onehot"]
+  assert results["groups"][f"kd[teacher={WIDE}]"]["replicas"] == [2, 3]
+  preds = np.load(os.path.join(workdir, "analysis", "predictions.npz"))
+  assert list(preds["teacher_model"]) == [NARROW, WIDE]
+  np.testing.assert_array_equal(preds["replica_teacher"], [0, 0, 1, 1, 0, 1])
+  # Each kd student is compared with its own teacher: recompute agreement with numpy.
+  teacher_pred = np.argmax(preds["teacher_logits"], -1)
+  student_pred = np.argmax(preds["student_logits"], -1)
+  for r, record in enumerate(results["replicas"]):
+    expected = np.mean(student_pred[r] == teacher_pred[preds["replica_teacher"][r]])
+    assert record["metrics"]["agreement"] == pytest.approx(expected, abs=1e-6)
+  with open(os.path.join(workdir, "students", "replicas.json")) as f:
+    metadata = json.load(f)
+  assert [g["replicas"] for g in metadata["groups"]] == [[0, 1, 4, 5], [2, 3]]
