@@ -1,6 +1,6 @@
 """A study's replicas: the (arm, seed, teacher, alpha, temperature, ...) rows one program trains.
 
-A grid in the config (alpha, temperature, learning rate, KD switch points) times `num_seeds`
+A grid in the config (alpha, temperature, learning rate, KD windows) times `num_seeds`
 becomes replicas of one compiled program. Each replica's identity travels in checkpoint metadata
 and every output file (`Replica.to_json`).
 
@@ -52,12 +52,14 @@ class Replica:
   temperature: float
   learning_rate: float
   label_smoothing: float
-  kd_start: int
+  kd_start: int  # the steps between which the teacher term is on (kd_windows, in steps)
   kd_stop: int
   init: str  # 'teacher' | 'fresh'
   augment: str  # the augmentation preset of its training batches
   model: str = ""  # its model's label (ModelSpec.label); teachers' too
   teacher_model: str = ""  # its teacher's model label ("" without a teacher)
+  teacher_augment: str = ""  # its teacher's augmentation preset, for arms that learn from one
+  kd_window: str = ""  # its KD window as configured, "START-STOP" fractions ("" without one)
 
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -93,6 +95,41 @@ def parse_names(name: str, value, allowed: Sequence[str]) -> tuple[str, ...]:
   if len(set(names)) != len(names):
     raise ValueError(f"{name} lists a name twice: {value!r}")
   return names
+
+
+def parse_windows(name: str, value) -> tuple[tuple[float, float], ...]:
+  """KD windows: a comma-separated string of START-STOP fractions of training
+  ("0-1,0.5-1,0-0.5") or a sequence of (start, stop) pairs. The teacher term is on while
+  start <= step / total_steps < stop, so "0.5-1" switches one-hot -> KD at half of training and
+  "0-0.5" KD -> one-hot (the loss-switching experiment of arXiv 2301.12923). Each window needs
+  0 <= start < stop <= 1; a window may not be listed twice."""
+  if isinstance(value, str):
+    items = [p.strip() for p in value.split(",") if p.strip()]
+  elif isinstance(value, (list, tuple)):
+    items = list(value)
+  else:
+    items = [value]
+  usage = f"{name} must be comma-separated START-STOP fractions of training, e.g. '0-1,0.5-1'"
+  windows = []
+  for item in items:
+    parts = item.split("-") if isinstance(item, str) else item
+    try:
+      start, stop = (float(p) for p in parts)
+    except (TypeError, ValueError):
+      raise ValueError(f"{usage}; got {value!r}") from None
+    if not (0.0 <= start < stop <= 1.0):
+      raise ValueError(f"{name} must hold windows with 0 <= START < STOP <= 1; got {item!r}")
+    windows.append((start, stop))
+  if not windows:
+    raise ValueError(f"{usage}; got {value!r}")
+  if len(set(windows)) != len(windows):
+    raise ValueError(f"{name} lists a window twice: {value!r}")
+  return tuple(windows)
+
+
+def window_label(window: tuple[float, float]) -> str:
+  """"0.25-1": a window as Replica.kd_window and group names show it."""
+  return f"{window[0]:g}-{window[1]:g}"
 
 
 def teacher_augments(config) -> tuple[str, ...]:
@@ -153,15 +190,17 @@ def teacher_replicas(config, specs: Sequence[ModelSpec]) -> list[Replica]:
 def student_replicas(config, total_steps: int, specs: Sequence[ModelSpec],
                      teachers: Sequence[Replica]) -> list[Replica]:
   """Student models x arms x teacher models x grid points x seeds, in that order (see the module
-  docstring for which teacher models an arm pairs with); arms without a teacher term ignore the
-  alpha/temperature/switch grids (one grid point each, recorded as alpha 0, temperature 1).
-  Student seed s learns from the s mod n-th teacher of its teacher model (n of them)."""
+  docstring for which teacher models an arm pairs with); the grid is alpha x temperature x
+  learning rate x KD window. Arms without a teacher term ignore the alpha/temperature/window
+  grids (one grid point each, recorded as alpha 0, temperature 1, no window).
+  Student seed s learns from the s mod n-th teacher of its teacher model (n of them); arms that
+  learn from their own teacher are also expanded over the teachers' augmentation presets
+  (`teacher_augment`), so that with presets none,strong every seed has a student of each."""
   arm_names = parse_names("arms", config.arms, tuple(arms_lib.ARMS))
   alphas = parse_grid("alpha", config.alpha)
   temperatures = parse_grid("temperature", config.temperature)
   lrs = parse_grid("optimizer.learning_rate", config.optimizer.learning_rate)
-  starts = parse_grid("kd_start", config.kd_start)
-  stops = parse_grid("kd_stop", config.kd_stop)
+  windows = parse_windows("kd_windows", config.kd_windows)
   by_model: dict[str, list[Replica]] = {}
   for t in teachers:
     by_model.setdefault(t.model, []).append(t)
@@ -181,12 +220,19 @@ def student_replicas(config, total_steps: int, specs: Sequence[ModelSpec],
         teacher_models = list(by_model.values())
       else:
         teacher_models = [None]
-      grid = list(itertools.product(alphas, temperatures, lrs, starts, stops)) \
-          if has_teacher_term else [(0.0, 1.0, lr, 0.0, 0.0) for lr in lrs]
+      if arm.teacher_signal == "teacher":
+        # Teachers trained with different augmentation are different teachers to learn from
+        # (arXiv 2510.12615: a heavily augmented teacher); other arms would train duplicates.
+        teacher_models = [[t for t in group if t.augment == preset]
+                          for group in teacher_models
+                          for preset in dict.fromkeys(t.augment for t in group)]
+      grid = list(itertools.product(alphas, temperatures, lrs, windows)) \
+          if has_teacher_term else [(0.0, 1.0, lr, None) for lr in lrs]
       smoothing = float(config.arm_options.label_smoothing) \
           if arm_name == "label_smoothing" else 0.0
       for group in teacher_models:
-        for alpha, temperature, lr, start, stop in grid:
+        for alpha, temperature, lr, window in grid:
+          start, stop = window or (0.0, 0.0)
           for seed in range(int(config.num_seeds)):
             rows.append(Replica(
                 index=len(rows), stage="students", arm=arm_name, seed=seed,
@@ -194,7 +240,10 @@ def student_replicas(config, total_steps: int, specs: Sequence[ModelSpec],
                 alpha=alpha, temperature=temperature, learning_rate=lr,
                 label_smoothing=smoothing, kd_start=int(round(start * total_steps)),
                 kd_stop=int(round(stop * total_steps)), init=init, augment=config.augment,
-                model=spec.label, teacher_model="" if group is None else group[0].model))
+                model=spec.label, teacher_model="" if group is None else group[0].model,
+                teacher_augment="" if group is None or arm.teacher_signal != "teacher"
+                else group[0].augment,
+                kd_window="" if window is None else window_label(window)))
   return rows
 
 

@@ -132,3 +132,18 @@ def test_the_analysis_keeps_the_teacher_models_apart(trained):
   with open(os.path.join(workdir, "students", "replicas.json")) as f:
     metadata = json.load(f)
   assert [g["replicas"] for g in metadata["groups"]] == [[0, 1, 4, 5], [2, 3]]
+
+
+def test_kd_students_learn_from_each_augmentation_preset_of_the_teachers():
+  """teacher_augment none,strong: every seed gets a kd student of each teacher (a standard and a
+  heavily augmented one, arXiv 2510.12615); rcd and siddo, which do not read their teacher's
+  predictions, are not duplicated."""
+  config = _config(teacher_model="", arms="kd,rcd,siddo", student_init="teacher",
+                   teacher_augment="none,strong")
+  study = study_lib.resolve(config)
+  assert [(t.index, t.augment, t.seed) for t in study.teacher.replicas] == [
+      (0, "none", 0), (1, "strong", 0)]
+  rows = [(r.arm, r.seed, r.teacher, r.teacher_augment) for r in study.students.replicas]
+  assert rows == [("kd", 0, 0, "none"), ("kd", 1, 0, "none"), ("kd", 0, 1, "strong"),
+                  ("kd", 1, 1, "strong"), ("rcd", 0, 0, ""), ("rcd", 1, 1, ""),
+                  ("siddo", 0, 0, ""), ("siddo", 1, 1, "")]

@@ -8,8 +8,9 @@ compared with every control arm by a two-sided Mann-Whitney U test per metric
 the metrics of each comparison (`kdjax.stats.holm`), since one comparison tests ten metrics.
 
 Groups. An arm with one grid point is one group named by the arm ("kd"). An arm whose replicas
-span several grid points (alpha, temperature, learning rate, KD switch steps) has one group per
-point, named by the hyperparameters that vary within the arm: "kd[alpha=0.1,T=4]"; a study with
+span several grid points (alpha, temperature, learning rate, KD window) has one group per
+point, named by the hyperparameters that vary within the arm: "kd[alpha=0.1,T=4]",
+"kd[window=0.5-1]"; a study with
 several student or teacher models splits by those too: "kd[model=cnn(width=0.5),alpha=0.1]". Each group of
 the reference arm is compared with the group of every other arm at the same values of the
 hyperparameters that arm varies over (rcd spans the alpha grid, so kd[alpha=0.1] meets
@@ -37,9 +38,9 @@ BOOTSTRAP_SEED = 0
 CONFIDENCE = 0.95
 
 # Grid hyperparameters that can split an arm into groups: (Replica field, label in a group name).
-GRID_FIELDS = (("model", "model"), ("teacher_model", "teacher"), ("alpha", "alpha"),
-               ("temperature", "T"), ("learning_rate", "lr"), ("kd_start", "kd_start"),
-               ("kd_stop", "kd_stop"))
+GRID_FIELDS = (("model", "model"), ("teacher_model", "teacher"),
+               ("teacher_augment", "teacher_augment"), ("alpha", "alpha"),
+               ("temperature", "T"), ("learning_rate", "lr"), ("kd_window", "window"))
 
 # +1: larger means more similar to the teacher (or better); -1: smaller does.
 HIGHER_IS_MORE_SIMILAR = {
