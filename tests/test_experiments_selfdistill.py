@@ -1,0 +1,100 @@
+"""configs/selfdistill_controls.py (arXiv 2510.12615) and its `width_scaling` section.
+
+The section's numbers are recomputed here from predictions.npz with numpy (agreement split by
+teacher correctness, per student) and scipy.stats.linregress (slopes against log2 width)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+
+from kdjax import study as study_lib
+from kdjax.analysis import width as width_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "selfdistill_controls.py"
+
+
+def test_ols_slope_matches_scipy_linregress():
+  rng = np.random.default_rng(0)
+  x = np.log2(np.repeat([0.125, 0.25, 0.5, 1.0], 5))
+  y = 0.3 + 0.05 * x + rng.normal(0, 0.02, x.size)
+  slope, stderr = width_lib.ols_slope(x, y)
+  reference = scipy_stats.linregress(x, y)
+  assert slope == pytest.approx(reference.slope, rel=1e-12)
+  assert stderr == pytest.approx(reference.stderr, rel=1e-10)
+  assert np.isnan(width_lib.ols_slope(np.ones(4), y[:4])[0])  # one width: no slope
+
+
+@pytest.mark.parametrize("arg", ["smoke", "smoke,width", "smoke,heavy_aug", "smoke,temperature",
+                                 "smoke,features"])
+def test_every_smoke_variant_resolves(arg):
+  study = study_lib.resolve(study_lib.load_config(str(CONFIG), arg))
+  arms = {r.arm for r in study.students.replicas}
+  if arg == "smoke,width":
+    assert len(study.students.groups) == 3 and arms == {"kd", "rcd", "onehot"}
+    assert study.analyses == ("width_scaling",)
+  elif arg == "smoke,heavy_aug":
+    assert {r.teacher_augment for r in study.students.replicas if r.arm == "kd"} == {
+        "none", "strong"}
+  elif arg == "smoke,features":
+    assert "feature_hint" in arms
+  else:
+    assert arms == {"kd", "rcd", "siddo"}
+
+
+@pytest.mark.parametrize("arg", ["cifar100", "smoke,depth", "tiny_shakespeare,heavy_aug"])
+def test_bad_arguments_name_what_is_allowed(arg):
+  with pytest.raises(ValueError, match="DATASET|image data"):
+    study_lib.load_config(str(CONFIG), arg)
+
+
+@pytest.fixture(scope="module")
+def width_run(tmp_path_factory):
+  """The width variant at below-smoke size: MLPs of widths 0.05/0.1/0.2, 2 seeds, 1 epoch."""
+  workdir = tmp_path_factory.mktemp("sd_width") / "wd"
+  command = [sys.executable, "-m", "kdjax.main", f"--config={CONFIG}:smoke,width",
+             f"--workdir={workdir}", "--config.model=mlp", "--config.teacher_model=mlp",
+             "--config.model_kwargs.width=0.1", "--config.teacher_model_kwargs.width=0.1",
+             "--config.model_grid.width=0.05,0.1,0.2", "--config.num_seeds=2",
+             "--config.num_epochs=1", "--config.batch_size=100"]
+  proc = subprocess.run(command, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir
+
+
+def test_width_section_equals_a_numpy_recomputation(width_run):
+  results = json.loads((width_run / "analysis" / "metrics.json").read_text())
+  table = results["analyses"]["width_scaling"]
+  preds = np.load(width_run / "analysis" / "predictions.npz")
+  labels = preds["labels"]
+  teacher_pred = np.argmax(preds["teacher_logits"], -1)
+  student_pred = np.argmax(preds["student_logits"], -1)
+  widths = np.array([float(m.split("width=")[1].rstrip(")")) for m in preds["replica_model"]])
+  assert set(table) == {"kd", "rcd", "onehot"}
+  for arm, entry in table.items():
+    rows = np.flatnonzero(preds["replica_arm"] == arm)
+    assert entry["widths"] == [0.05, 0.1, 0.2]
+    for metric, teacher_right in (("agree_when_teacher_correct", True),
+                                  ("agree_when_teacher_incorrect", False)):
+      per_student = []
+      for r in rows:
+        t = teacher_pred[preds["replica_teacher"][r]]
+        on = (t == labels) == teacher_right
+        per_student.append(np.mean(student_pred[r][on] == t[on]))
+      per_student = np.array(per_student)
+      for k, w in enumerate(entry["widths"]):
+        expected = per_student[widths[rows] == w].mean()
+        assert entry[metric]["mean"][k] == pytest.approx(expected, abs=1e-6), (arm, metric, w)
+      fit = scipy_stats.linregress(np.log2(widths[rows]), per_student)
+      assert entry[metric]["slope_per_doubling"] == pytest.approx(fit.slope, abs=1e-6)
+  assert (width_run / "analysis" / "plots" / "width_scaling.png").stat().st_size > 10_000
+  assert "## Width scaling" in (width_run / "analysis" / "report.md").read_text()
