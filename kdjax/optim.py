@@ -34,8 +34,10 @@ def schedule_shape(opt_config, total_steps: int) -> optax.Schedule:
     return optax.warmup_cosine_decay_schedule(0.0 if warmup else 1.0, 1.0, warmup,
                                               max(total_steps, warmup + 1), 0.0)
   if name == "step":
-    boundaries = {int(round(f * total_steps)): float(opt_config.decay_factor)
-                  for f in opt_config.decay_boundaries}
+    boundaries: dict[int, float] = {}
+    for f in opt_config.decay_boundaries:  # boundaries that round to one step multiply
+      step = int(round(f * total_steps))
+      boundaries[step] = boundaries.get(step, 1.0) * float(opt_config.decay_factor)
     return optax.piecewise_constant_schedule(1.0, boundaries)
   if warmup:
     return optax.linear_schedule(0.0, 1.0, warmup)
