@@ -40,8 +40,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.arms = "kd,rcd,siddo"     # see kdjax/arms.py for all arms
   config.alpha = "0.5"             # one value or a grid, e.g. "0.1,0.5,0.9"
   config.temperature = "1.0"       # one value or a grid
-  config.kd_start = "0"            # fraction of training at which the teacher term switches on
-  config.kd_stop = "1"             # ... and off (one-hot -> KD -> one-hot, arXiv 2301.12923)
+  config.kd_windows = "0-1"        # START-STOP fractions of training with the teacher term on;
+                                   # a list is a grid: "0-1,0.5-1,0-0.5" (one-hot <-> KD
+                                   # switching, arXiv 2301.12923)
   config.num_seeds = 8             # per arm and grid point
   config.num_teachers = 1          # student seed s learns from teacher s mod num_teachers
   config.student_init = "teacher"  # arms that follow the config: 'teacher' (identical) or 'fresh'
@@ -83,10 +84,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "hint_weight": 1.0,
       "rcd_minval": 0.0,
       "rcd_maxval": 1.0,
+      "fgcr_fusion": 0.5,          # fgcr: weight of the class relations R[y] in the teacher target
+      "teacher_loss": "ce",        # 'ce' | 'regt': teachers trained with RegT (arXiv 2405.13078)
+      "regt_weight": 0.05,         # regt: weight of the non-target variance reward (max C - 2)
   })
 
   # Execution, evaluation, checkpoints.
   config.execution = "auto"        # 'auto' (unrolled on CPU, vmap on GPU/TPU) | 'vmap' | 'unrolled'
+  # The device mesh over all devices of all processes: replicas are sharded over 'replica'; each
+  # replica's batch over 'data' (gradients summed, BatchNorm statistics synchronised over it).
+  # -1 fills the devices the other axis leaves; replica x data = the device count. batch_size
+  # and eval_batch_size must be multiples of data, each group's replicas of replica.
+  config.mesh = ml_collections.ConfigDict({"replica": -1, "data": 1})
   config.eval_batch_size = 600
   config.eval_every_steps = 100
   config.log_every_steps = 50

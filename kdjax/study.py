@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from kdjax import _checks
 from kdjax import arms as arms_lib
 from kdjax import data as data_lib
 from kdjax import models as models_lib
@@ -49,6 +50,7 @@ class Group:
   teacher_group: str | None = None
   teacher_model: replicas_lib.ModelSpec | None = None
   teacher_indices: tuple[int, ...] = ()
+  teacher_loss: str = "ce"  # a teacher group's loss kind (arm_options.teacher_loss)
 
   @property
   def name(self) -> str:
@@ -66,7 +68,8 @@ class Group:
     return self.model.module(num_classes)
 
   def arms(self) -> tuple[arms_lib.Arm, ...]:
-    return tuple(_TEACHER_ARM if r.arm == "teacher" else arms_lib.ARMS[r.arm]
+    teacher_arm = dataclasses.replace(_TEACHER_ARM, loss=self.teacher_loss)
+    return tuple(teacher_arm if r.arm == "teacher" else arms_lib.ARMS[r.arm]
                  for r in self.replicas)
 
 
@@ -125,6 +128,9 @@ class Study:
   teacher: Stage
   students: Stage
   loss_options: arms_lib.LossOptions
+  # (replica, data) sizes of the device mesh (`mesh_shape`): replicas are sharded over
+  # 'replica', each replica's batch over 'data'.
+  mesh: tuple[int, int] = (1, 1)
   # The loaded splits {"train": arrays, "test": arrays}, loaded once while validating.
   data: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
@@ -146,6 +152,18 @@ def _int(config, key: str, *, low: int) -> int:
   if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
     raise ConfigError(key, f"must be an integer >= {low}, got {value!r}")
   return int(value)
+
+
+def _number(config, key: str, **bounds) -> float:
+  """A real number within `bounds` (kdjax._checks.check_range's keywords)."""
+  value = _get(config, key)
+  if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    raise ConfigError(key, f"must be a number, got {value!r}")
+  try:
+    _checks.check_range(key, value, **bounds)
+  except ValueError as e:
+    raise ConfigError(key, str(e)) from None
+  return float(value)
 
 
 def _get(config, key: str):
@@ -198,19 +216,20 @@ def _models(config, key: str, kwargs_key: str, grid_key: str, num_classes: int):
   return specs
 
 
-def resolve(config) -> Study:
-  """Validates `config` and resolves it into a Study; raises ConfigError on the first bad key."""
+def resolve(config, *, num_devices: int | None = None) -> Study:
+  """Validates `config` and resolves it into a Study; raises ConfigError on the first bad key.
+
+  `num_devices`: the devices the study will run on (default `jax.device_count()`, all
+  processes' devices; launch/sweep.py passes a target machine's count).
+  """
   stages = _names_or_error(lambda: replicas_lib.parse_names(
       "stages", _get(config, "stages"), ALL_STAGES), "stages")
   arm_names = _names_or_error(lambda: replicas_lib.parse_names(
       "arms", _get(config, "arms"), tuple(arms_lib.ARMS)), "arms")
   _grid(config, "alpha", low=0.0, high=1.0)
   _grid(config, "temperature", low=0.0, low_open=True)
-  starts = _grid(config, "kd_start", low=0.0, high=1.0)
-  stops = _grid(config, "kd_stop", low=0.0, high=1.0)
-  if min(stops) < max(starts):
-    raise ConfigError("kd_stop", f"must not come before kd_start; got kd_start={starts}, "
-                      f"kd_stop={stops}")
+  windows = _get(config, "kd_windows")
+  _names_or_error(lambda: replicas_lib.parse_windows("kd_windows", windows), "kd_windows")
   _grid(config, "optimizer.learning_rate", low=0.0, low_open=True)
   _int(config, "num_seeds", low=1)
   _int(config, "num_teachers", low=1)
@@ -218,6 +237,9 @@ def resolve(config) -> Study:
   batch_size = _int(config, "batch_size", low=1)
   num_epochs = _int(config, "num_epochs", low=1)
   teacher_epochs = _int(config, "teacher_num_epochs", low=-1)
+  if teacher_epochs == 0:
+    raise ConfigError("teacher_num_epochs", "must be -1 (the students' num_epochs) or an integer "
+                      ">= 1, got 0")
   for key in ("eval_batch_size", "eval_every_steps", "log_every_steps", "checkpoint_every_steps",
               "keep_checkpoints"):
     _int(config, key, low=1)
@@ -225,6 +247,7 @@ def resolve(config) -> Study:
   _choice(config, "execution", EXECUTIONS)
   _choice(config, "optimizer.name", optim.OPTIMIZERS)
   _choice(config, "optimizer.schedule", optim.SCHEDULES)
+  _optimizer_numbers(config)
   _choice(config, "augment", data_lib.AUGMENT_PRESETS)
   if config.get("teacher_augment", ""):
     _names_or_error(lambda: replicas_lib.parse_names(
@@ -240,14 +263,18 @@ def resolve(config) -> Study:
   data_dir = _get(config, "data_dir") or None
   try:
     spec = data_lib.spec(name, data_dir=data_dir)
-    train = data_lib.load(name, "train", data_dir=data_dir)
-    test = data_lib.load(name, "test", data_dir=data_dir)
   except ValueError as e:  # includes DatasetNotAvailableError
     raise ConfigError("dataset", str(e)) from None
+  # Before loading: loading may first generate the data (kdjax's synthetic builder).
   for key in ("augment", "teacher_augment"):
     if set(replicas_lib.teacher_augments(config) if key == "teacher_augment" else
            (config.augment,)) != {"none"} and spec.modality != "image":
       raise ConfigError(key, f"must be 'none' for {spec.modality} data ({name})")
+  try:
+    train = data_lib.load(name, "train", data_dir=data_dir)
+    test = data_lib.load(name, "test", data_dir=data_dir)
+  except ValueError as e:  # includes DatasetNotAvailableError
+    raise ConfigError("dataset", str(e)) from None
   num_train = len(train["label"])
   if batch_size > num_train:
     raise ConfigError("batch_size", f"must be at most the {num_train} training examples")
@@ -259,8 +286,9 @@ def resolve(config) -> Study:
   teacher_rows = replicas_lib.teacher_replicas(config, teacher_specs)
   teacher = Stage("teacher", tuple(teacher_rows), (), teacher_epochs if teacher_epochs > 0
                   else num_epochs, spe)
-  teacher = dataclasses.replace(teacher, groups=_groups(
-      "teacher", teacher_rows, teacher_specs, teacher.num_epochs, spe))
+  teacher = dataclasses.replace(teacher, groups=tuple(
+      dataclasses.replace(g, teacher_loss=options.teacher_loss) for g in _groups(
+          "teacher", teacher_rows, teacher_specs, teacher.num_epochs, spe)))
   try:
     student_rows = replicas_lib.student_replicas(config, num_epochs * spe, model_specs,
                                                  teacher_rows)
@@ -268,22 +296,93 @@ def resolve(config) -> Study:
     raise ConfigError("teacher_model", str(e)) from None
   students = Stage("students", tuple(student_rows), _groups(
       "students", student_rows, model_specs, num_epochs, spe, teacher), num_epochs, spe)
+  if options.teacher_loss == "regt" and spec.num_classes < 3:
+    raise ConfigError("arm_options.teacher_loss", f"'regt' needs at least 3 classes; "
+                      f"{name} has {spec.num_classes}")
   if "feature_hint" in arm_names:
     for group in students.groups:
       if group.teacher_model is not None:
         _check_hint(config, group.model, group.teacher_model, spec)
-  devices = jax.device_count()
+  mesh = mesh_shape(config.get("mesh"), jax.device_count() if num_devices is None
+                    else num_devices)
+  for key in ("batch_size", "eval_batch_size"):
+    if int(config[key]) % mesh[1]:
+      raise ConfigError(key, f"must be a multiple of mesh.data={mesh[1]} (each replica's batch "
+                        f"is split over the data axis); got {config[key]}")
   for stage in (teacher, students):
     for group in stage.groups:
-      if len(group.replicas) % devices:
+      if len(group.replicas) % mesh[0]:
         raise ConfigError("num_seeds" if stage.name == "students" else "num_teachers",
                           f"the {stage.name} stage's {group.model.label} group has "
-                          f"{len(group.replicas)} replicas, which do not divide over {devices} "
-                          f"devices; make the count a multiple of {devices}")
+                          f"{len(group.replicas)} replicas, which do not divide over the "
+                          f"{mesh[0]} replica shards of the mesh ({_mesh_text(mesh)}); make the "
+                          f"count a multiple of {mesh[0]} or change mesh.replica/mesh.data")
   return Study(
       config=config, dataset=spec, num_train=num_train, num_eval=len(test["label"]),
       stages=stages, analyses=analyses, data={"train": train, "test": test},
-      teacher=teacher, students=students, loss_options=options)
+      teacher=teacher, students=students, loss_options=options, mesh=mesh)
+
+
+MESH_AXES = ("replica", "data")
+DEFAULT_MESH = {"replica": -1, "data": 1}
+
+
+def mesh_shape(mesh, num_devices: int) -> tuple[int, int]:
+  """(replica, data) axis sizes of the device mesh that `mesh` ({"replica": r, "data": d}; None:
+  DEFAULT_MESH) asks for on `num_devices` devices; -1 fills the devices the other axis leaves.
+  The sizes must multiply to `num_devices`. Raises ConfigError naming mesh.replica or mesh.data.
+  """
+  mesh = dict(DEFAULT_MESH if mesh is None else mesh)
+  unknown = sorted(set(mesh) - set(MESH_AXES))
+  if unknown:
+    raise ConfigError(f"mesh.{unknown[0]}", f"is not a mesh axis; the axes are "
+                      f"{', '.join(MESH_AXES)}")
+  sizes = {}
+  for axis in MESH_AXES:
+    value = mesh.get(axis, DEFAULT_MESH[axis])
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or \
+        (value < 1 and value != -1):
+      raise ConfigError(f"mesh.{axis}", f"must be an integer >= 1, or -1 (fill the devices); "
+                        f"got {value!r}")
+    sizes[axis] = int(value)
+  replica, data = sizes["replica"], sizes["data"]
+  if replica == -1 and data == -1:
+    raise ConfigError("mesh.data", "at most one of mesh.replica and mesh.data may be -1")
+  for axis, other in (("replica", data), ("data", replica)):
+    if sizes[axis] == -1:
+      if num_devices % other:
+        blamed = "data" if axis == "replica" else "replica"
+        raise ConfigError(f"mesh.{blamed}", f"must divide the {num_devices} devices; got {other}")
+      sizes[axis] = num_devices // other
+  replica, data = sizes["replica"], sizes["data"]
+  if replica * data != num_devices:
+    raise ConfigError("mesh.replica" if mesh.get("replica", -1) != -1 else "mesh.data",
+                      f"mesh.replica x mesh.data = {replica} x {data} = {replica * data} must "
+                      f"equal the {num_devices} devices (use -1 to fill)")
+  return replica, data
+
+
+def _mesh_text(mesh: tuple[int, int]) -> str:
+  return f"replica={mesh[0]} x data={mesh[1]}"
+
+
+def _optimizer_numbers(config) -> None:
+  """The ranges of the optimiser's numbers that the config sets (kdjax.optim reads them)."""
+  opt = _get(config, "optimizer")
+  for key, bounds in (("momentum", dict(low=0.0, high=1.0, high_inclusive=False)),
+                      ("weight_decay", dict(low=0.0)), ("grad_clip_norm", dict(low=0.0)),
+                      ("decay_factor", dict(low=0.0, low_inclusive=False))):
+    if key in opt:
+      _number(config, f"optimizer.{key}", **bounds)
+  if "warmup_steps" in opt:
+    _int(config, "optimizer.warmup_steps", low=0)
+  for fraction in opt.get("decay_boundaries", ()):  # fractions of training
+    try:
+      if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real):
+        raise ValueError(f"optimizer.decay_boundaries must be numbers, got {fraction!r}")
+      _checks.check_range("optimizer.decay_boundaries", fraction, low=0.0, high=1.0)
+    except ValueError as e:
+      raise ConfigError("optimizer.decay_boundaries", f"{e} (fractions of training)") from None
 
 
 def _names_or_error(fn, key: str):
@@ -304,8 +403,16 @@ def _loss_options(config) -> arms_lib.LossOptions:
   minval, maxval = (_grid(config, f"{prefix}.{k}")[0] for k in ("rcd_minval", "rcd_maxval"))
   if minval >= maxval:
     raise ConfigError(f"{prefix}.rcd_maxval", f"must be greater than rcd_minval={minval:g}")
+  # arXiv 2405.13078's fgcr arm and RegT teachers; absent from configs written before them.
+  extra = {}
+  if "fgcr_fusion" in config.arm_options:
+    extra["fgcr_fusion"] = _number(config, f"{prefix}.fgcr_fusion", low=0.0, high=1.0)
+  if "teacher_loss" in config.arm_options:
+    extra["teacher_loss"] = _choice(config, f"{prefix}.teacher_loss", ("ce", "regt"))
+  if "regt_weight" in config.arm_options:
+    extra["regt_weight"] = _number(config, f"{prefix}.regt_weight", low=0.0)
   o = config.arm_options
-  return arms_lib.LossOptions(
+  return arms_lib.LossOptions(**extra,
       ats_target_temperature=float(o.ats_target_temperature),
       ats_nontarget_temperature=float(o.ats_nontarget_temperature),
       isats_temperatures=isats, dkd_alpha=float(o.dkd_alpha), dkd_beta=float(o.dkd_beta),

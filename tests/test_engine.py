@@ -388,7 +388,7 @@ def test_learning_rate_grid_and_kd_window_are_per_replica(teachers):
   2301.12923). Run with 'vmap' (the hyperparameters are per-replica data either way; a vmapped
   step of 4 replicas compiles in half the time of the unrolled one)."""
   grid = study_lib.resolve(_config(arms="kd", num_seeds=1, optimizer__learning_rate="0.1,0.02",
-                                   kd_start="0,0.5", execution="vmap"))
+                                   kd_windows="0-1,0.5-1", execution="vmap"))
   replicas = grid.students.replicas
   assert [(r.learning_rate, r.kd_start, r.kd_stop) for r in replicas] == [
       (0.1, 0, 10), (0.1, 5, 10), (0.02, 0, 10), (0.02, 5, 10)]

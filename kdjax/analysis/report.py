@@ -57,7 +57,7 @@ def _config_rows(config, num_eval: int, num_classes: int) -> list[tuple[str, str
       ("seeds per arm and grid point", str(config.num_seeds)),
       ("teachers", str(config.num_teachers)),
       ("alpha", str(config.alpha)), ("temperature", str(config.temperature)),
-      ("KD on between (fraction of training)", f"{config.kd_start} .. {config.kd_stop}"),
+      ("KD windows (fractions of training)", str(config.kd_windows)),
       ("student init", str(config.student_init)),
       ("epochs (students / teachers)", f"{config.num_epochs} / {teacher_epochs}"),
       ("batch size", str(config.batch_size)),

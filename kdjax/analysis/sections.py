@@ -75,4 +75,7 @@ def _import_all() -> None:
   """Imports the modules that register sections (kept lazy: study validation asks for the names
   without loading matplotlib)."""
   # pylint: disable=g-import-not-at-top,unused-import
-  pass
+  from kdjax.analysis import capacity  # capacity (arXiv 2405.13078)
+  from kdjax.analysis import deviation  # deviation, kd_switch (arXiv 2301.12923, Sec. 3)
+  from kdjax.analysis import eigen  # eigen_trajectory, gradient_denoising (arXiv 2301.12923, Sec. 4)
+  from kdjax.analysis import width  # width_scaling (arXiv 2510.12615)
