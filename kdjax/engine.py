@@ -77,8 +77,10 @@ def _variables(params, batch_stats) -> dict[str, Any]:
 @flax.struct.dataclass
 class Teachers:
   """Trained teacher variables stacked over teachers [T, ...]: those of the teacher group a
-  student group reads (`Group.teacher_indices`, in that order)."""
+  student group reads (`Group.teacher_indices`, in that order). `class_relations` [T, C, C]:
+  each teacher's `losses.class_relation_matrix` on the train split (the fgcr arm; else None)."""
   variables: Any
+  class_relations: Any = None
 
 
 def _select(codes_and_values, code):
@@ -265,11 +267,12 @@ class Engine:
       feature_values = [(c, v[1]) for c, v in signal_values if v[1] is not None]
       teacher_features = _select(feature_values, signal_code) if feature_values else None
       student_features = new_state.get("features", {}).get(self.options.hint_feature)
+      relations = None if "fgcr" not in kinds else teachers.class_relations[hp.teacher_index]
       per_example = _select(
           [(arms_lib.LOSS_KINDS.index(k),
             arms_lib.kind_loss(k, out, teacher_logits, labels, hp, step, self.options,
                                student_features=student_features,
-                               teacher_features=teacher_features))
+                               teacher_features=teacher_features, class_relations=relations))
            for k in kinds], kind_code)
       return _masked_mean(per_example, mask, self._data_axis), \
           (out, new_state.get("batch_stats", {}))

@@ -102,15 +102,23 @@ def lock_workdir(workdir: str) -> int:
 
 class _KdjaxRecords(logging.Filter):
   """Keeps the console to kdjax's own lines and warnings: Orbax, TFDS and JAX log every
-  checkpoint write and file read at INFO level through absl."""
+  checkpoint write and file read at INFO level through absl. While `validating`, other
+  libraries' warnings are dropped too: an invalid config gets exactly one line (TFDS warns about
+  an unprepared dataset before kdjax reports it)."""
+
+  validating = False
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return (record.levelno >= logging.WARNING or "/kdjax/" in record.pathname or
+    own = "/kdjax/" in record.pathname
+    if self.validating:
+      return own
+    return (record.levelno >= logging.WARNING or own or
             record.pathname.endswith("clu/metric_writers/logging_writer.py"))
 
 
 def main(argv) -> None:
-  absl_logging.get_absl_handler().addFilter(_KdjaxRecords())
+  records = _KdjaxRecords()
+  absl_logging.get_absl_handler().addFilter(records)
   if len(argv) > 1:
     fail(f"unexpected arguments {' '.join(argv[1:])}; use --config=FILE --workdir=DIR "
          "[--config.KEY=VALUE ...]")
@@ -135,6 +143,7 @@ def main(argv) -> None:
   from kdjax import preemption  # pylint: disable=g-import-not-at-top
   from kdjax import train  # pylint: disable=g-import-not-at-top
   primary = distributed.is_primary()  # with several processes, process 0 owns the workdir
+  records.validating = True
   try:
     study = study_lib.resolve(config)
     _check_workdir_state(study, config, workdir)
@@ -144,12 +153,16 @@ def main(argv) -> None:
       replace = _check_workdir_state(study, config, workdir)
   except (study_lib.ConfigError, RuntimeError) as e:
     fail(str(e))
+  records.validating = False
   if primary:
     if replace:
       for name in STAGE_DIRS:
         shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
+    # Without `mesh`: it describes this run's devices, and the analysis, which reads config.json
+    # (also on one host, from a copy of a pod's workdir), lays out the devices it finds.
+    record = {k: v for k, v in json.loads(config.to_json_best_effort()).items() if k != "mesh"}
     with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+      f.write(json.dumps(record, indent=2, sort_keys=True))
   distributed.barrier("kdjax: workdir ready")  # the others start once process 0 has written
 
   for stage in study.stages:

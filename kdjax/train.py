@@ -21,8 +21,9 @@ from kdjax import arms as arms_lib
 from kdjax import checkpoint as checkpoint_lib
 from kdjax import data as data_lib
 from kdjax import distributed
+from kdjax import losses
 from kdjax import preemption
-from kdjax.engine import Engine, Teachers
+from kdjax.engine import Engine, Teachers, eval_batch_jit
 from kdjax.study import Study
 
 
@@ -108,12 +109,18 @@ def run_stage(study: Study, stage: str, workdir: str) -> None:
   first = stage_engines[0]
   teachers = {}
   if stage == "students" and arms_lib.uses_teacher([r.arm for r in spec_stage.replicas]):
-    _, teacher_states = load_final_state(study, workdir, "teacher")
+    teacher_engines, teacher_states = load_final_state(study, workdir, "teacher")
+    teacher_engines = {e.group.key: e for e in teacher_engines}
     for engine in stage_engines:
       if engine.group.teacher_group is not None:
+        variables = teacher_states[engine.group.teacher_group].variables()
+        relations = None
+        if "fgcr" in engine.kinds:
+          relations = class_relations(teacher_engines[engine.group.teacher_group], variables,
+                                      study.data["train"], int(config.eval_batch_size))
         teachers[engine.group.key] = jax.device_put(Teachers(
-            variables=teacher_states[engine.group.teacher_group].variables()), engine.replicated)
-    del teacher_states
+            variables=variables, class_relations=relations), engine.replicated)
+    del teacher_states, teacher_engines
 
   train_arrays = data_lib.to_device(study.data["train"], first.replicated)
   eval_arrays = data_lib.to_device(study.data["test"], first.replicated)
@@ -164,9 +171,10 @@ def run_stage(study: Study, stage: str, workdir: str) -> None:
         states[key], last_metrics[key] = engine.train_step(states[key], orders[key],
                                                            train_arrays, teachers.get(key))
       step += 1
+      stopping = stop.poll(step)  # the same answer in every process (kdjax.preemption)
       if any(step % int(config[k]) == 0 for k in ("log_every_steps", "eval_every_steps",
                                                   "checkpoint_every_steps")) \
-          or step == total or stop.requested:
+          or step == total or stopping:
         _note_divergence(spec_stage, stage_engines, states, metadata, step)
       if step % int(config.log_every_steps) == 0 or step == total:
         _progress(stage, step, total, start_time, start_step, _stage_metrics(
@@ -176,7 +184,7 @@ def run_stage(study: Study, stage: str, workdir: str) -> None:
                   _stage_metrics(spec_stage, stage_engines, last_metrics))
       if step % int(config.checkpoint_every_steps) == 0 or step == total:
         ckpt.save(step, states, metadata, force=step == total)
-      if stop.requested:  # SIGTERM/SIGINT: save this step and leave (kdjax.preemption)
+      if stopping:  # SIGTERM/SIGINT: save this step and leave
         ckpt.save(step, states, metadata, force=True)
         ckpt.wait()
         if tensorboard is not None:
@@ -189,6 +197,25 @@ def run_stage(study: Study, stage: str, workdir: str) -> None:
   if tensorboard is not None:
     tensorboard.flush()
     tensorboard.close()
+
+
+def class_relations(engine: Engine, variables, train: dict, batch_size: int) -> np.ndarray:
+  """[T, C, C]: `losses.class_relation_matrix` (T = 1) of each replica of `engine` (a teacher
+  group) from its logits on the un-augmented train split `train` (host arrays), the global class
+  relations that the fgcr arm fuses in (arXiv 2405.13078). Computed once, before the students
+  train; every example counts once (padded eval batches, padding cut off)."""
+  spec = engine.spec
+  arrays = data_lib.to_device(train, engine.replicated)
+  num = len(train["label"])
+  indices, masks = data_lib.eval_indices(num, batch_size)
+  parts = []
+  for idx, mask in zip(indices, masks):
+    batch = eval_batch_jit(arrays, spec, idx, mask)
+    parts.append(distributed.to_host(engine.predict(variables, batch[spec.input_key])))
+  logits = np.concatenate(parts, axis=1)[:, :num]  # slots are in example order
+  labels = np.asarray(train["label"])
+  return np.stack([np.asarray(losses.class_relation_matrix(
+      logits[j], labels, spec.num_classes)) for j in range(logits.shape[0])])
 
 
 def _note_divergence(stage, stage_engines, states, metadata: dict, step: int) -> None:

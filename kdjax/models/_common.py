@@ -6,6 +6,8 @@ Kept private: the public surface of kdjax.models is the registry and the feature
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from typing import Any
 
@@ -40,15 +42,34 @@ def sow_feature(module: nn.Module, name: str, value) -> None:
   module.sow(FEATURES, name, value, reduce_fn=_keep_latest)
 
 
+# The mapped axis (shard_map/pmap) over which BatchNorm averages its batch statistics; set by
+# the engine while it traces a step whose batch is split over a 'data' mesh axis.
+_BATCH_NORM_AXIS: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "kdjax_batch_norm_axis", default=None)
+
+
+@contextlib.contextmanager
+def batch_norm_axis(axis_name: str | None):
+  """Within the block, models traced with train=True synchronise their BatchNorm statistics
+  over the mapped axis `axis_name` (None: each device's batch alone), as SyncBatchNorm does."""
+  token = _BATCH_NORM_AXIS.set(axis_name)
+  try:
+    yield
+  finally:
+    _BATCH_NORM_AXIS.reset(token)
+
+
 def batch_norm(train: bool, dtype: Dtype, name: str | None = None) -> nn.BatchNorm:
   """BatchNorm with PyTorch's defaults (momentum 0.1 there = 0.9 here, eps 1e-5).
 
   The KD literature's reference code is PyTorch; matching its running-average decay keeps
   published recipes (epochs, schedules) transferable. Statistics are reduced over every axis but
-  the last, so under `jax.vmap` over a replica axis each replica keeps its own statistics.
+  the last, so under `jax.vmap` over a replica axis each replica keeps its own statistics; inside
+  `batch_norm_axis(name)` they are also averaged over the mapped axis `name` (a batch split over
+  devices normalises with the whole batch's mean and variance).
   """
   return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
-                      name=name)
+                      axis_name=_BATCH_NORM_AXIS.get(), name=name)
 
 
 def head(num_classes: int, dtype: Dtype) -> nn.Dense:
