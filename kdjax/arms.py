@@ -17,8 +17,13 @@ compiled step trains every arm of a study; `kind_loss` is the one place per loss
   standardized_kd  teacher         standardized_kd   config    Sun et al. CVPR 2024 (arXiv 2403.01427)
   ats              teacher         ats               config    Li et al. NeurIPS 2022 (arXiv 2210.04427)
   isats            teacher         isats             config    arXiv 2405.13078
+  fgcr             teacher         fgcr              config    arXiv 2405.13078 (global class relations)
   dkd              teacher         dkd               config    Zhao et al. CVPR 2022 (arXiv 2203.08679)
   feature_hint     teacher         feature_hint      config    FitNets (arXiv 1412.6550); 2510.12615
+
+Teachers train with the 'ce' loss kind, or with 'regt' (`losses.regt_loss`, arXiv 2405.13078)
+when `arm_options.teacher_loss` is 'regt': RegT changes the teacher, not the student's loss, so it
+is a study-wide option (a study of RegT teachers), not an arm.
 
 `init`: 'teacher' = the initial parameters of the replica's teacher (self-distillation with
 identical initialisation, arXiv 2510.12615), 'fresh' = a new draw from the replica's own seed,
@@ -37,7 +42,8 @@ import jax.numpy as jnp
 from kdjax import losses
 
 TEACHER_SIGNALS = ("none", "teacher", "ensemble", "noise")
-LOSS_KINDS = ("ce", "kd", "standardized_kd", "ats", "isats", "dkd", "feature_hint")
+LOSS_KINDS = ("ce", "kd", "standardized_kd", "ats", "isats", "dkd", "feature_hint", "fgcr",
+              "regt")  # regt: the teachers' loss when arm_options.teacher_loss = 'regt'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +67,8 @@ ARMS: dict[str, Arm] = {a.name: a for a in [
     Arm("ats", "teacher", "ats", "config", "asymmetric temperature scaling of the teacher"),
     Arm("isats", "teacher", "isats", "config", "per-example temperature maximising non-target "
         "variance"),
+    Arm("fgcr", "teacher", "fgcr", "config", "distillation from the teacher's distribution fused "
+        "with its class relations on the train split"),
     Arm("dkd", "teacher", "dkd", "config", "decoupled KD: target and non-target terms"),
     Arm("feature_hint", "teacher", "feature_hint", "config",
         "labels plus FitNets matching of an intermediate feature map"),
@@ -100,6 +108,9 @@ class LossOptions:
   hint_weight: float = 1.0
   rcd_minval: float = 0.0
   rcd_maxval: float = 1.0
+  fgcr_fusion: float = 0.5
+  teacher_loss: str = "ce"  # 'ce' | 'regt': how the teacher stage trains (arXiv 2405.13078)
+  regt_weight: float = 0.05
 
 
 def effective_alpha(hp: ReplicaHParams, step) -> jax.Array:
@@ -110,8 +121,10 @@ def effective_alpha(hp: ReplicaHParams, step) -> jax.Array:
 
 
 def kind_loss(kind: str, student_logits, teacher_logits, labels, hp: ReplicaHParams, step,
-              options: LossOptions, *, student_features=None, teacher_features=None) -> jax.Array:
-  """Per-example loss of one loss kind for one replica (teacher_logits may be None for 'ce')."""
+              options: LossOptions, *, student_features=None, teacher_features=None,
+              class_relations=None) -> jax.Array:
+  """Per-example loss of one loss kind for one replica (teacher_logits may be None for 'ce' and
+  'regt'; `class_relations` [C, C] is the replica's teacher's, needed by 'fgcr')."""
   alpha = effective_alpha(hp, step)
   if kind == "ce":
     return losses.softmax_cross_entropy(student_logits, labels,
@@ -134,6 +147,11 @@ def kind_loss(kind: str, student_logits, teacher_logits, labels, hp: ReplicaHPar
   if kind == "isats":
     return losses.isats_kd_loss(student_logits, teacher_logits, labels, alpha=alpha,
                                 temperatures=options.isats_temperatures)
+  if kind == "fgcr":
+    return losses.fgcr_kd_loss(student_logits, teacher_logits, labels, class_relations,
+                               alpha=alpha, fusion=options.fgcr_fusion, temperature=hp.temperature)
+  if kind == "regt":  # a teacher's own training loss: `student_logits` are the teacher's
+    return losses.regt_loss(student_logits, labels, weight=options.regt_weight)
   if kind == "dkd":
     warmup = jnp.minimum(1.0, (step + 1) / max(options.dkd_warmup_steps, 1))
     on = (alpha > 0).astype(jnp.float32)  # the kd window also gates DKD
