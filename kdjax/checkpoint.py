@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from typing import Any, Sequence
 
 import orbax.checkpoint as ocp
 from absl import logging
 
+from kdjax import distributed
 from kdjax.replicas import Replica
 
 
@@ -64,6 +66,24 @@ def _cause(error: BaseException) -> str:
   lines = [line.strip() for line in str(error).splitlines() if line.strip()]
   first = lines[0] if lines else ""
   return f"{type(error).__name__}: {first[:300]}{'...' if len(first) > 300 else ''}"
+
+
+def _drop_closed_loop_callbacks() -> None:
+  """After a restore fails, TensorStore still completes the reads that were in flight and hands
+  each result to the asyncio loop Orbax has closed meanwhile; every one would print a
+  "RuntimeError: Event loop is closed" traceback (through sys.unraisablehook) around the one
+  warning that matters. Drops exactly those; installed once, on the first failed restore."""
+  if getattr(sys.unraisablehook, "kdjax", False):
+    return
+  previous = sys.unraisablehook
+
+  def hook(unraisable) -> None:
+    exc = unraisable.exc_value
+    if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
+      previous(unraisable)
+
+  hook.kdjax = True
+  sys.unraisablehook = hook
 
 
 class StageCheckpoints:
@@ -110,6 +130,7 @@ class StageCheckpoints:
     # Damaged files surface as TensorStore's bare Exception, ValueError (missing or garbled
     # metadata, a tree that no longer matches), KeyError (a missing item) or JSONDecodeError.
     except Exception as e:  # pylint: disable=broad-except
+      _drop_closed_loop_callbacks()
       raise UnreadableCheckpointError(
           f"checkpoint step {step} in {self.directory} cannot be read ({_cause(e)}); rerunning "
           "the stage that wrote it resumes from its previous readable step") from e
@@ -148,8 +169,10 @@ class StageCheckpoints:
     if not self.read_only:
       stamp = time.strftime("%Y%m%d-%H%M%S")
       names = [f"{step}.unreadable-{stamp}" for step, _ in failures]
-      for (step, _), name in zip(failures, names):
-        os.rename(os.path.join(self.directory, str(step)), os.path.join(self.directory, name))
+      if distributed.is_primary():  # several processes share the directory; one renames
+        for (step, _), name in zip(failures, names):
+          os.rename(os.path.join(self.directory, str(step)), os.path.join(self.directory, name))
+      distributed.barrier("kdjax: unreadable checkpoints set aside")
       self.manager.reload()  # its cached step list still holds the renamed steps
       aside = f"; set aside as {', '.join(names)}"
     logging.warning("checkpoint step %s in %s cannot be read (%s); restored step %d instead%s",

@@ -9,7 +9,7 @@ exit code 128 + signal (143 for SIGTERM, 130 for SIGINT), what schedulers and sh
   with preemption.StopRequests() as stop:
     while step < total:
       ...one step...
-      if stop.requested:
+      if stop.poll(step):
         save(step); wait()
         raise preemption.Preempted(stop.signum, stage, step, total)
 
@@ -24,6 +24,13 @@ last checkpoint, which a rerun of the same command redoes).
 The handler only sets an attribute: no I/O, no locks, nothing that could re-enter code the
 signal interrupted. Python runs signal handlers in the main thread only, so in another thread
 `StopRequests` installs nothing and never reports a request.
+
+Several processes (kdjax.distributed) must stop at the same step, or one would save (a
+collective) while the others step. There JAX's preemption service already owns SIGTERM (its
+notifier is installed by `jax.distributed.initialize`) and agrees on a step: `poll` asks
+`multihost_utils.reached_preemption_sync_point`, and no Python handler is installed (it would
+replace the service's, which Python cannot reinstall afterwards). Ctrl-C keeps its usual
+meaning there.
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ from __future__ import annotations
 import signal
 import threading
 from typing import Sequence
+
+import jax
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -56,7 +65,7 @@ class Preempted(Exception):
 class StopRequests:
   """While active, the first of `signals` sets `signum` instead of ending the process.
 
-  Re-entrant use nests: the inner context's previous handler is the outer one's. On exit the
+  Contexts nest (an inner one's previous handler is the outer one's handler). On exit the
   previous handlers are restored; a request that arrived after the loop's last poll and that no
   `Preempted` answered is re-sent to them, so a signal is never swallowed.
   """
@@ -64,11 +73,25 @@ class StopRequests:
   def __init__(self, signals: Sequence[int] = SIGNALS):
     self._signals = tuple(signals)
     self._previous: dict[int, object] = {}
+    self._multiprocess = False
     self.signum: int | None = None
 
   @property
   def requested(self) -> bool:
+    """Whether this process has received one of the signals (one-process runs)."""
     return self.signum is not None
+
+  def poll(self, step: int) -> bool:
+    """Whether to stop after `step`. One process: `requested`. Several: True on every process at
+    the step JAX's preemption service agreed on after a SIGTERM reached any of them; every
+    process must call this at every step (kdjax's loop does)."""
+    if not self._multiprocess:
+      return self.requested
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    if multihost_utils.reached_preemption_sync_point(step):
+      self.signum = signal.SIGTERM
+      return True
+    return False
 
   def _handle(self, signum: int, frame) -> None:
     del frame
@@ -81,7 +104,8 @@ class StopRequests:
 
   def __enter__(self) -> StopRequests:
     self.signum = None
-    if threading.current_thread() is threading.main_thread():
+    self._multiprocess = jax.process_count() > 1
+    if not self._multiprocess and threading.current_thread() is threading.main_thread():
       for signum in self._signals:
         previous = signal.signal(signum, self._handle)
         # None: a handler installed from C, which Python cannot reinstall; use the default.
@@ -92,6 +116,6 @@ class StopRequests:
     for signum, previous in self._previous.items():
       signal.signal(signum, previous)
     self._previous = {}
-    if self.signum is not None and exc_type is None:
+    if self.signum is not None and exc_type is None and not self._multiprocess:
       signal.raise_signal(self.signum)
     return False

@@ -2,24 +2,19 @@
 
 The contract (DESIGN.md, "Public contracts"): invalid input gets exactly one non-empty line on
 stderr naming the key and what is allowed, exit code 2, and nothing written. Every case runs
-the real command in a subprocess; the cases run concurrently (each pays the Python/JAX/TF
-imports, about 2-10 s).
+the real command in a subprocess (tests/_cli.py); the cases run concurrently (each pays the
+Python/JAX/TF imports, about 2-10 s). Runs interrupted, resumed or refused for a busy workdir are
+in test_reliability.py.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
+import _cli
 import pytest
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-CONFIG = f"--config={ROOT / 'configs' / 'default.py'}"
 
 # name -> (extra arguments, the key the line must name, what it must say is allowed,
 #          number of forced CPU devices)
@@ -50,47 +45,43 @@ BAD_INPUT = {
     # The students stage needs a finished teacher stage in the workdir.
     "students_before_teacher": (["--config.stages=students"], "--config.stages",
                                 ["teacher"], 1),
+    "negative_epochs": (["--config.num_epochs=-1"], "--config.num_epochs", [">= 1", "-1"], 1),
+    # -1 means "the students' num_epochs"; 0 used to be read that way too, silently.
+    "teacher_epochs_0": (["--config.teacher_num_epochs=0"], "--config.teacher_num_epochs",
+                         ["-1", ">= 1"], 1),
+    "unknown_analysis": (["--config.analyses=kd_switch,bogus"], "--config.analyses",
+                         ["kd_switch", "'kd_switch,bogus'"], 1),
+    # Available but not prepared: the line says how to prepare it (TFDS's own warning about the
+    # missing folder used to come first, a second line).
+    "dataset_not_prepared": (["--config.dataset=mnist",
+                              "--config.data_dir=/nonexistent/kdjax-test-data"],
+                             "--config.dataset", ["mnist", "not prepared", "tfds build"], 1),
+    # Optimiser numbers used to pass unchecked (a negative momentum trained; a negative decay
+    # factor failed with a traceback after the workdir was written).
+    "momentum_negative": (["--config.optimizer.momentum=-0.5"], "--config.optimizer.momentum",
+                          ["[0, 1)", "-0.5"], 1),
+    "decay_factor_0": (["--config.optimizer.schedule=step", "--config.optimizer.decay_factor=0.0"],
+                       "--config.optimizer.decay_factor", ["(0, inf)"], 1),
+    "decay_boundary_above_1": (["--config.optimizer.schedule=step",
+                                "--config.optimizer.decay_boundaries=(0.5,1.5)"],
+                               "--config.optimizer.decay_boundaries", ["[0, 1]", "1.5"], 1),
 }
 # A real run kept cheap: 2 steps of a 12-unit MLP (a cnn's init alone compiles for ~10 s).
 TINY = ["--config.stages=teacher", "--config.num_epochs=1", "--config.batch_size=600",
         "--config.model=mlp", "--config.model_kwargs.width=0.05"]
 
 
-def _env(devices: int, cache_dir: str | None = None) -> dict[str, str]:
-  """CPU with `devices` forced host devices; `cache_dir`: a persistent compilation cache, so the
-  second real run of a workdir reuses the first one's programs."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  if devices > 1:
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
-                        f" --xla_force_host_platform_device_count={devices}").strip()
-  if cache_dir:
-    env.update(JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-  return env
-
-
-def _main(args: list[str], workdir: pathlib.Path | None, env: dict[str, str]):
-  command = [sys.executable, "-m", "kdjax.main", CONFIG, *args]
-  if workdir is not None:
-    command.insert(4, f"--workdir={workdir}")
-  return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-
-
-def _digest(directory: pathlib.Path) -> dict[str, str]:
-  return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-          for p in sorted(directory.rglob("*")) if p.is_file()}
-
-
 def _other_study(base: pathlib.Path) -> dict:
   """A finished tiny run, then the same workdir asked for another study (num_seeds 8 -> 4):
   refused, then allowed with --config.overwrite=True."""
   workdir = base / "study"
-  env = _env(1, str(base / "xla_cache"))
-  out = {"first": _main(TINY, workdir, env)}
-  out["digest_before"] = _digest(workdir) if workdir.exists() else {}
-  out["refused"] = _main([*TINY, "--config.num_seeds=4"], workdir, env)
-  out["digest_after"] = _digest(workdir) if workdir.exists() else {}
-  out["overwrite"] = _main([*TINY, "--config.num_seeds=4", "--config.overwrite=True"], workdir,
-                           env)
+  env = _cli.env(1, base / "xla_cache")
+  out = {"first": _cli.main(TINY, workdir, env)}
+  out["digest_before"] = _cli.digest(workdir) if workdir.exists() else {}
+  out["refused"] = _cli.main([*TINY, "--config.num_seeds=4"], workdir, env)
+  out["digest_after"] = _cli.digest(workdir) if workdir.exists() else {}
+  out["overwrite"] = _cli.main([*TINY, "--config.num_seeds=4", "--config.overwrite=True"],
+                               workdir, env)
   out["config_after"] = json.loads((workdir / "config.json").read_text())
   out["workdir"] = workdir
   return out
@@ -106,24 +97,17 @@ def runs(tmp_path_factory):
     for name, (args, _, _, devices) in BAD_INPUT.items():
       workdir = None if "--no-workdir" in args else base / name / "workdir"
       args = [a for a in args if a != "--no-workdir"]
-      futures[name] = (workdir, pool.submit(_main, args, workdir, _env(devices)))
+      futures[name] = (workdir, pool.submit(_cli.main, args, workdir, _cli.env(devices)))
     results = {name: (workdir, f.result()) for name, (workdir, f) in futures.items()}
     results["other_study"] = other.result()
   return results
-
-
-def _one_error_line(proc) -> str:
-  assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
-  lines = [line for line in proc.stderr.splitlines() if line.strip()]
-  assert len(lines) == 1, f"stderr must be one line, got {len(lines)}:\n{proc.stderr[-3000:]}"
-  return lines[0]
 
 
 @pytest.mark.parametrize("name", list(BAD_INPUT))
 def test_bad_input_is_one_line_exit_2_nothing_written(name, runs):
   _, key, allowed, _ = BAD_INPUT[name]
   workdir, proc = runs[name]
-  line = _one_error_line(proc)
+  line = _cli.one_error_line(proc)
   assert key in line, line
   for words in allowed:
     assert words in line, f"{words!r} not in {line!r}"
@@ -136,7 +120,7 @@ def test_a_workdir_holding_another_study_is_refused_unless_overwrite(runs):
   out = runs["other_study"]
   assert out["first"].returncode == 0, out["first"].stderr[-3000:]
   assert out["digest_before"] and "config.json" in out["digest_before"]
-  line = _one_error_line(out["refused"])
+  line = _cli.one_error_line(out["refused"])
   for words in ("--config.overwrite", "num_seeds", "--config.overwrite=True", "--workdir"):
     assert words in line, f"{words!r} not in {line!r}"
   assert out["digest_after"] == out["digest_before"], "the refused run wrote into the workdir"
