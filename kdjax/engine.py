@@ -1,4 +1,8 @@
-"""The replica engine: every replica of a stage in one train state and one jitted step.
+"""The replica engine: every replica of a group in one train state and one jitted step.
+
+A stage's replicas are split into groups by model (kdjax.study.Group: one architecture, and for
+students one teacher model); each group is one Engine, and kdjax.train steps a stage's engines
+together. Within a group everything below holds.
 
 Every leaf of `TrainState` except `step` has a leading replica axis R. One call of `train_step`
 advances all replicas by one step: each replica reads its own batch (its own epoch order and

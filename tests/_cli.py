@@ -1,5 +1,5 @@
 """Helpers of the tests that run `python -m kdjax.main` in subprocesses (test_cli and
-test_reliability).
+test_reliability, test_engine, test_multihost).
 
 Every run is the real command, on CPU, from the repository root; each pays the Python/JAX/TF
 imports (a few seconds).
@@ -10,8 +10,10 @@ from __future__ import annotations
 import hashlib
 import os
 import pathlib
+import signal
 import subprocess
 import sys
+import threading
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = f"--config={ROOT / 'configs' / 'default.py'}"
@@ -65,3 +67,54 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
   lines = [line for line in proc.stderr.splitlines() if line.strip()]
   assert len(lines) == 1, f"stderr must be one line, got {len(lines)}:\n{proc.stderr[-3000:]}"
   return lines[0]
+
+
+class BackgroundJobs:
+  """Commands run one after another in a thread (so they overlap the in-process tests), each
+  with its output in a log file and in a session of its own, so `close` also ends a launcher's
+  child processes. `jobs`: {name: (command, log path)}; extra keyword arguments become
+  attributes (e.g. the jobs' workdirs)."""
+
+  def __init__(self, jobs: dict[str, tuple[list[str], pathlib.Path]], env: dict[str, str],
+               **attributes):
+    self.jobs, self.env = jobs, env
+    self.__dict__.update(attributes)
+    self.returncodes: dict[str, int] = {}
+    self._proc: subprocess.Popen | None = None
+    self._started = self._closed = False
+    self._thread = threading.Thread(target=self._run, daemon=True)
+
+  def _run(self) -> None:
+    for name, (command, log) in self.jobs.items():
+      if self._closed:
+        return
+      with open(log, "w") as out:
+        self._proc = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=out,
+                                      stderr=subprocess.STDOUT, start_new_session=True)
+        self.returncodes[name] = self._proc.wait()
+
+  def start(self) -> None:
+    if not self._started:
+      self._started = True
+      self._thread.start()
+
+  def wait(self, timeout: float) -> dict[str, int]:
+    """{name: exit code} of the jobs finished within `timeout` seconds."""
+    self.start()
+    self._thread.join(timeout)
+    return dict(self.returncodes)
+
+  def result(self, name: str, timeout: float = 900) -> str:
+    """The job's log once it has finished; fails the test if it exited non-zero."""
+    self.wait(timeout)
+    log = self.jobs[name][1]
+    output = log.read_text() if log.exists() else "(not started)"
+    assert self.returncodes.get(name) == 0, output[-4000:]
+    return output
+
+  def close(self) -> None:
+    self._closed = True
+    if self._proc is not None and self._proc.poll() is None:
+      os.killpg(self._proc.pid, signal.SIGKILL)  # the job's own session: it and its children
+    if self._thread.is_alive():
+      self._thread.join()

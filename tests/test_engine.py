@@ -21,9 +21,7 @@ import json
 import os
 import pathlib
 import shutil
-import subprocess
 import sys
-import threading
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +30,8 @@ import numpy as np
 import optax
 import pytest
 from scipy import stats as scipy_stats
+
+import _cli
 
 from kdjax import checkpoint as checkpoint_lib
 from kdjax import data
@@ -195,45 +195,6 @@ def compilation_cache(tmp_path_factory):
   cache.reset_cache()
 
 
-class _Background:
-  """Runs commands one after another in a thread (so they overlap the in-process tests), each
-  with its output in a log file; `close` kills the one still running."""
-
-  def __init__(self, jobs: dict[str, tuple[list[str], pathlib.Path]], env: dict[str, str],
-               workdirs: dict[str, str]):
-    self.jobs, self.env, self.workdirs = jobs, env, workdirs
-    self.returncodes: dict[str, int] = {}
-    self._proc: subprocess.Popen | None = None
-    self._started = self._closed = False
-    self._thread = threading.Thread(target=self._run, daemon=True)
-
-  def _run(self) -> None:
-    for name, (command, log) in self.jobs.items():
-      if self._closed:
-        return
-      with open(log, "w") as out:
-        self._proc = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=out,
-                                      stderr=subprocess.STDOUT)
-        self.returncodes[name] = self._proc.wait()
-
-  def start(self) -> None:
-    if not self._started:
-      self._started = True
-      self._thread.start()
-
-  def wait(self, timeout: float) -> dict[str, int]:
-    self.start()
-    self._thread.join(timeout)
-    return dict(self.returncodes)
-
-  def close(self) -> None:
-    self._closed = True
-    if self._proc is not None and self._proc.poll() is None:
-      self._proc.kill()
-    if self._thread.is_alive():
-      self._thread.join()
-
-
 @pytest.fixture(scope="module")
 def two_device_jobs(tmp_path_factory, compilation_cache):
   """`python -m kdjax.main` for the shared study on 2 forced CPU devices, once per execution
@@ -251,7 +212,7 @@ def two_device_jobs(tmp_path_factory, compilation_cache):
          f"--workdir={workdirs[execution]}", "--config.stages=teacher,students",
          f"--config.execution={execution}", *_cli_flags()],
         base / "log.txt")
-  background = _Background(jobs, env, workdirs)
+  background = _cli.BackgroundJobs(jobs, env, workdirs=workdirs)
   yield background
   background.close()
 

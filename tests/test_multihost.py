@@ -18,17 +18,16 @@ import json
 import os
 import pathlib
 import shlex
-import signal
 import subprocess
 import sys
 import textwrap
-import threading
 
 import jax
 import ml_collections
 import numpy as np
 import pytest
 
+import _cli
 from kdjax import distributed
 from kdjax import engine as engine_lib
 from kdjax import study as study_lib
@@ -139,49 +138,6 @@ DATA_AXIS_SCRIPT = textwrap.dedent("""
 """)
 
 
-class _Jobs:
-  """Commands run one after another in a thread, each with its output in a log file and in a
-  session of its own (so `close` also ends a launcher's child processes)."""
-
-  def __init__(self, jobs: dict[str, tuple[list[str], pathlib.Path]], env: dict[str, str],
-               base: pathlib.Path):
-    self.jobs, self.env, self.base = jobs, env, base
-    self.returncodes: dict[str, int] = {}
-    self._proc: subprocess.Popen | None = None
-    self._started = self._closed = False
-    self._thread = threading.Thread(target=self._run, daemon=True)
-
-  def _run(self) -> None:
-    for name, (command, log) in self.jobs.items():
-      if self._closed:
-        return
-      with open(log, "w") as out:
-        self._proc = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=out,
-                                      stderr=subprocess.STDOUT, start_new_session=True)
-        self.returncodes[name] = self._proc.wait()
-
-  def start(self) -> None:
-    if not self._started:
-      self._started = True
-      self._thread.start()
-
-  def result(self, name: str, timeout: float = 900) -> str:
-    """The job's log once it has finished; fails the test if it exited non-zero."""
-    self.start()
-    self._thread.join(timeout)
-    log = self.jobs[name][1]
-    output = log.read_text() if log.exists() else "(not started)"
-    assert self.returncodes.get(name) == 0, output[-4000:]
-    return output
-
-  def close(self) -> None:
-    self._closed = True
-    if self._proc is not None and self._proc.poll() is None:
-      os.killpg(self._proc.pid, signal.SIGKILL)  # the job's own session: it and its children
-    if self._thread.is_alive():
-      self._thread.join()
-
-
 @pytest.fixture(scope="module")
 def jobs(tmp_path_factory, cache_env):
   base = tmp_path_factory.mktemp("multihost")
@@ -189,7 +145,7 @@ def jobs(tmp_path_factory, cache_env):
   script.write_text(DATA_AXIS_SCRIPT)
   # 2 CPU devices for the data-axis script; the launcher sets its processes' own count.
   two_devices = dict(cache_env, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  background = _Jobs({
+  background = _cli.BackgroundJobs({
       "two_processes": (
           [str(LAUNCH / "multiprocess.sh"), "--processes", "2", "--devices-per-process", "2",
            "--log-dir", str(base / "logs"), "--",
@@ -199,7 +155,7 @@ def jobs(tmp_path_factory, cache_env):
           base / "two_processes.log"),
       "data_axis": ([sys.executable, str(script), str(base / "data_axis.npz")],
                     base / "data_axis.log"),
-  }, two_devices, base)
+  }, two_devices, base=base)
   yield background
   background.close()
 
