@@ -32,16 +32,17 @@ def env(devices: int = 1, cache_dir: str | os.PathLike | None = None) -> dict[st
   return out
 
 
-def command(args: list[str], workdir: pathlib.Path | None) -> list[str]:
-  """The kdjax.main command line (no --workdir flag when `workdir` is None)."""
+def command(args: list[str], workdir: pathlib.Path | None, config: str = CONFIG) -> list[str]:
+  """The kdjax.main command line (no --workdir flag when `workdir` is None); `config` is the
+  --config flag (default: configs/default.py)."""
   workdir_flag = [] if workdir is None else [f"--workdir={workdir}"]
-  return [sys.executable, "-m", "kdjax.main", CONFIG, *workdir_flag, *args]
+  return [sys.executable, "-m", "kdjax.main", config, *workdir_flag, *args]
 
 
 def main(args: list[str], workdir: pathlib.Path | None, environ: dict[str, str],
-         timeout: float = 600) -> subprocess.CompletedProcess:
+         timeout: float = 600, config: str = CONFIG) -> subprocess.CompletedProcess:
   """Runs the command to its end; stdout and stderr captured as text."""
-  return subprocess.run(command(args, workdir), cwd=ROOT, env=environ, capture_output=True,
+  return subprocess.run(command(args, workdir, config), cwd=ROOT, env=environ, capture_output=True,
                         text=True, timeout=timeout)
 
 

@@ -8,10 +8,7 @@ predictions.npz with numpy and scipy.stats (spearmanr, kendalltau)."""
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import subprocess
-import sys
 import types
 
 import jax.numpy as jnp
@@ -19,6 +16,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
+import _cli
 from kdjax import arms as arms_lib
 from kdjax import data as data_lib
 from kdjax import study as study_lib
@@ -139,13 +137,12 @@ def capacity_run(tmp_path_factory):
   """Below smoke size: MLP teachers of widths 0.05 and 0.2 trained with RegT, kd/fgcr/onehot
   students, 1 seed, 1 epoch."""
   workdir = tmp_path_factory.mktemp("capacity") / "wd"
-  command = [sys.executable, "-m", "kdjax.main", f"--config={CONFIG}:smoke",
-             f"--workdir={workdir}", "--config.model=mlp", "--config.teacher_model=mlp",
-             "--config.model_kwargs.width=0.05", "--config.teacher_model_grid.width=0.05,0.2",
-             "--config.arms=kd,fgcr,onehot", "--config.num_seeds=1", "--config.num_epochs=1",
-             "--config.batch_size=100", "--config.arm_options.teacher_loss=regt"]
-  proc = subprocess.run(command, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
-                        capture_output=True, text=True, timeout=900)
+  proc = _cli.main(
+      ["--config.model=mlp", "--config.teacher_model=mlp", "--config.model_kwargs.width=0.05",
+       "--config.teacher_model_grid.width=0.05,0.2", "--config.arms=kd,fgcr,onehot",
+       "--config.num_seeds=1", "--config.num_epochs=1", "--config.batch_size=100",
+       "--config.arm_options.teacher_loss=regt"],
+      workdir, _cli.env(), timeout=900, config=f"--config={CONFIG}:smoke")
   assert proc.returncode == 0, proc.stderr[-3000:]
   return workdir
 

@@ -6,15 +6,13 @@ teacher correctness, per student) and scipy.stats.linregress (slopes against log
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
+import _cli
 from kdjax import study as study_lib
 from kdjax.analysis import width as width_lib
 
@@ -60,13 +58,11 @@ def test_bad_arguments_name_what_is_allowed(arg):
 def width_run(tmp_path_factory):
   """The width variant at below-smoke size: MLPs of widths 0.05/0.1/0.2, 2 seeds, 1 epoch."""
   workdir = tmp_path_factory.mktemp("sd_width") / "wd"
-  command = [sys.executable, "-m", "kdjax.main", f"--config={CONFIG}:smoke,width",
-             f"--workdir={workdir}", "--config.model=mlp", "--config.teacher_model=mlp",
-             "--config.model_kwargs.width=0.1", "--config.teacher_model_kwargs.width=0.1",
-             "--config.model_grid.width=0.05,0.1,0.2", "--config.num_seeds=2",
-             "--config.num_epochs=1", "--config.batch_size=100"]
-  proc = subprocess.run(command, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
-                        capture_output=True, text=True, timeout=900)
+  proc = _cli.main(
+      ["--config.model=mlp", "--config.teacher_model=mlp", "--config.model_kwargs.width=0.1",
+       "--config.teacher_model_kwargs.width=0.1", "--config.model_grid.width=0.05,0.1,0.2",
+       "--config.num_seeds=2", "--config.num_epochs=1", "--config.batch_size=100"],
+      workdir, _cli.env(), timeout=900, config=f"--config={CONFIG}:smoke,width")
   assert proc.returncode == 0, proc.stderr[-3000:]
   return workdir
 
