@@ -45,6 +45,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                    # switching, arXiv 2301.12923)
   config.num_seeds = 8             # per arm and grid point
   config.num_teachers = 1          # student seed s learns from teacher s mod num_teachers
+  config.ensembles = ""            # ensemble arms: "" = every teacher; or compositions by the
+                                   # members' teacher_augment presets, "weak+weak,strong+weak"
   config.student_init = "teacher"  # arms that follow the config: 'teacher' (identical) or 'fresh'
   config.stages = "teacher,students,analysis"
   config.analyses = ""             # study-specific report sections (kdjax/analysis/sections.py)

@@ -1,7 +1,7 @@
 """Study arms: what a student replica learns from, expressed as data so that arms share a program.
 
 An arm fixes (1) the teacher signal the student sees — its own teacher's logits on the same
-augmented batch, the mean-probability ensemble of all teachers, uniform noise (RCD) or none —,
+augmented batch, an ensemble of teachers, uniform noise (RCD) or none —,
 (2) the loss kind that turns (student logits, teacher signal, labels) into a per-example loss,
 and (3) where the student's initial parameters come from. The numbers inside a loss (alpha,
 temperature, label smoothing, ...) are per-replica hyperparameters (`ReplicaHParams`), so one
@@ -14,12 +14,23 @@ compiled step trains every arm of a study; `kind_loss` is the one place per loss
   onehot           none            ce                fresh     plain training from a fresh init
   label_smoothing  none            ce (smoothed)     fresh     Szegedy et al. 2016, the classic control
   ensemble_kd      ensemble        kd                config    arXiv 2405.00739
+  ensemble_standardized_kd
+                   ensemble        standardized_kd   config    arXiv 2405.00739, Sec. 6.3
   standardized_kd  teacher         standardized_kd   config    Sun et al. CVPR 2024 (arXiv 2403.01427)
   ats              teacher         ats               config    Li et al. NeurIPS 2022 (arXiv 2210.04427)
   isats            teacher         isats             config    arXiv 2405.13078
   fgcr             teacher         fgcr              config    arXiv 2405.13078 (global class relations)
   dkd              teacher         dkd               config    Zhao et al. CVPR 2022 (arXiv 2203.08679)
   feature_hint     teacher         feature_hint      config    FitNets (arXiv 1412.6550); 2510.12615
+
+Ensembles (arXiv 2405.00739 and its released code): the loss of a replica that learns from an
+ensemble of M teachers is the mean of its loss kind against each member,
+  L(s, {t_m}, y) = (1/M) sum_m L_kind(s, t_m, y),
+which for 'kd' equals (1 - alpha) CE + alpha T^2 KL(mean_m softmax(t_m / T) || softmax(s / T))
+up to a constant that does not depend on the student (the members' mean cross-entropy is the
+cross-entropy of their mixture), and for 'standardized_kd' z-scores each member on its own. The
+members are the replica's (`ensemble_index`, kdjax.replicas: every teacher of its teacher model
+unless `ensembles` names compositions).
 
 Teachers train with the 'ce' loss kind, or with 'regt' (`losses.regt_loss`, arXiv 2405.13078)
 when `arm_options.teacher_loss` is 'regt': RegT changes the teacher, not the student's loss, so it
@@ -62,6 +73,8 @@ ARMS: dict[str, Arm] = {a.name: a for a in [
     Arm("onehot", "none", "ce", "fresh", "labels only, fresh init"),
     Arm("label_smoothing", "none", "ce", "fresh", "smoothed labels, fresh init"),
     Arm("ensemble_kd", "ensemble", "kd", "config", "distillation from the teachers' ensemble"),
+    Arm("ensemble_standardized_kd", "ensemble", "standardized_kd", "config",
+        "distillation from the teachers' ensemble between z-scored logits"),
     Arm("standardized_kd", "teacher", "standardized_kd", "config",
         "distillation between z-scored logits"),
     Arm("ats", "teacher", "ats", "config", "asymmetric temperature scaling of the teacher"),
@@ -85,7 +98,8 @@ class ReplicaHParams:
 
   `kd_start`/`kd_stop` are the steps between which the teacher term is on (alpha is 0 outside:
   one-hot -> KD -> one-hot switching, arXiv 2301.12923); `teacher_index` picks the replica's
-  teacher; the rest are the losses' arguments.
+  teacher, `ensemble_index` [M] its ensemble's members and `ensemble_weight` [M] their weights
+  (1/M; 0 on padding when ensembles differ in size); the rest are the losses' arguments.
   """
   alpha: jax.Array
   temperature: jax.Array
@@ -93,6 +107,8 @@ class ReplicaHParams:
   kd_start: jax.Array
   kd_stop: jax.Array
   teacher_index: jax.Array
+  ensemble_index: jax.Array
+  ensemble_weight: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)

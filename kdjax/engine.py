@@ -7,7 +7,7 @@ together. Within a group everything below holds.
 Every leaf of `TrainState` except `step` has a leading replica axis R. One call of `train_step`
 advances all replicas by one step: each replica reads its own batch (its own epoch order and
 augmentation key, kdjax.data.pipeline), computes its own teacher signal on that same augmented
-batch (its teacher's logits, the teachers' ensemble, or RCD noise), its arm's loss with its own
+batch (its teacher's logits, its ensemble's members' logits, or RCD noise), its arm's loss with its own
 hyperparameters (kdjax.arms) and its own optimiser update with its own learning rate
 (kdjax.optim). Arms are per-replica data, so different arms share the program.
 
@@ -144,6 +144,7 @@ class Engine:
     self.hp = replicas_lib.hparams(self.group.replicas, self.group.teacher_indices)
     self.kinds = tuple(sorted({a.loss for a in self.arms}))
     self.signals = tuple(sorted({a.teacher_signal for a in self.arms}))
+    self._pairs = frozenset((a.teacher_signal, a.loss) for a in self.arms)
     self.kind_codes = np.array([arms_lib.LOSS_KINDS.index(a.loss) for a in self.arms], np.int32)
     self.signal_codes = np.array([arms_lib.TEACHER_SIGNALS.index(a.teacher_signal)
                                   for a in self.arms], np.int32)
@@ -234,12 +235,12 @@ class Engine:
             noise, jax.lax.axis_index(self._data_axis) * shape[0], shape[0])
       return noise, None
     if signal == "ensemble":
-      num_teachers = jax.tree.leaves(teachers.variables)[0].shape[0]
-      # Teachers one after another, not vmapped: a vmapped conv is slow on XLA:CPU.
-      member_logits = jnp.stack([
-          self.teacher_module.apply(jax.tree.map(lambda a: a[j], teachers.variables), x,
-                                    train=False) for j in range(num_teachers)])
-      return losses.ensemble_teacher_logits(member_logits, axis=0), None
+      # [M, B, C]: the members one after another, not vmapped (a vmapped conv is slow on
+      # XLA:CPU); the loss averages over them (kdjax/arms.py, "Ensembles").
+      return jnp.stack([
+          self.teacher_module.apply(
+              jax.tree.map(lambda a, j=j: a[hp.ensemble_index[j]], teachers.variables), x,
+              train=False) for j in range(hp.ensemble_index.shape[-1])]), None
     if signal == "teacher":
       variables = jax.tree.map(lambda a: a[hp.teacher_index], teachers.variables)
       if self._needs_features:
@@ -263,21 +264,29 @@ class Engine:
     def loss_fn(params):
       out, new_state = self.module.apply(_variables(params, batch_stats), x, train=True,
                                          mutable=mutable, rngs=rngs)
-      signal_values = [(arms_lib.TEACHER_SIGNALS.index(s),
-                        self._teacher_signal(s, teachers, x, out, keys, hp, step))
-                       for s in signals]
-      teacher_logits = _select([(c, v[0]) for c, v in signal_values], signal_code)
-      teacher_logits = jax.lax.stop_gradient(teacher_logits)
-      feature_values = [(c, v[1]) for c, v in signal_values if v[1] is not None]
-      teacher_features = _select(feature_values, signal_code) if feature_values else None
       student_features = new_state.get("features", {}).get(self.options.hint_feature)
       relations = None if "fgcr" not in kinds else teachers.class_relations[hp.teacher_index]
-      per_example = _select(
-          [(arms_lib.LOSS_KINDS.index(k),
-            arms_lib.kind_loss(k, out, teacher_logits, labels, hp, step, self.options,
-                               student_features=student_features,
-                               teacher_features=teacher_features, class_relations=relations))
-           for k in kinds], kind_code)
+
+      def loss_of(kind, teacher_logits, teacher_features):
+        return arms_lib.kind_loss(kind, out, teacher_logits, labels, hp, step, self.options,
+                                  student_features=student_features,
+                                  teacher_features=teacher_features, class_relations=relations)
+
+      # Each (signal, kind) pair of the group's arms that this replica may have; an ensemble's
+      # loss is the weighted mean of the kind's loss against each member.
+      per_signal = []
+      for signal in signals:
+        teacher_logits, teacher_features = jax.lax.stop_gradient(
+            self._teacher_signal(signal, teachers, x, out, keys, hp, step))
+        if signal == "ensemble":
+          values = [(arms_lib.LOSS_KINDS.index(k), sum(
+              hp.ensemble_weight[j] * loss_of(k, teacher_logits[j], None)
+              for j in range(teacher_logits.shape[0]))) for k in kinds if (signal, k) in self._pairs]
+        else:
+          values = [(arms_lib.LOSS_KINDS.index(k), loss_of(k, teacher_logits, teacher_features))
+                    for k in kinds if (signal, k) in self._pairs]
+        per_signal.append((arms_lib.TEACHER_SIGNALS.index(signal), _select(values, kind_code)))
+      per_example = _select(per_signal, signal_code)
       return _masked_mean(per_example, mask, self._data_axis), \
           (out, new_state.get("batch_stats", {}))
 

@@ -13,6 +13,15 @@ program (kdjax.study.Group). Students are expanded over the teacher models their
   * other arms with a teacher term pair with every teacher model;
   * arms with neither (onehot, label_smoothing, fresh siddo) are trained once per student model.
 
+Ensembles. Arms that distil from a teacher ensemble (kdjax.arms, signal 'ensemble') learn from
+every teacher of their teacher model by default. `ensembles` names compositions instead, each by
+the augmentation preset of its members ("weak+weak,strong+weak,strong+strong": two-teacher
+ensembles T1w+T2w, T1s+T2w, T1s+T2s of arXiv 2405.00739): member j of the ensemble of student
+seed s is the teacher with that preset and seed (s * M + j) mod num_teachers (M members), so with
+num_teachers = M every seed shares one set of teachers (the paper) and with num_teachers = k * M
+seeds cycle over k independent sets. Such arms are expanded over the compositions; a replica's
+`ensemble` lists its members, and its `teacher_augment` names the composition ("strong+weak").
+
 Randomness: one root key per (stage, seed), split into named streams with `jax.random.fold_in`:
 
   replica_key(config_seed, stage, seed) = fold_in(fold_in(PRNGKey(config_seed), STAGE), seed)
@@ -60,6 +69,7 @@ class Replica:
   teacher_model: str = ""  # its teacher's model label ("" without a teacher)
   teacher_augment: str = ""  # its teacher's augmentation preset, for arms that learn from one
   kd_window: str = ""  # its KD window as configured, "START-STOP" fractions ("" without one)
+  ensemble: tuple[int, ...] = ()  # the teacher replicas it distils from as an ensemble
 
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -132,6 +142,35 @@ def window_label(window: tuple[float, float]) -> str:
   return f"{window[0]:g}-{window[1]:g}"
 
 
+def parse_ensembles(name: str, value, presets: Sequence[str]) -> tuple[tuple[str, ...], ...]:
+  """Ensemble compositions: a comma-separated list of '+'-joined augmentation presets, one per
+  member ("weak+weak,strong+weak"), each preset one of `presets`; "" = none given (every teacher
+  of the teacher model is a member)."""
+  items = value.split(",") if isinstance(value, str) else list(value)
+  compositions = []
+  for item in (i.strip() for i in items if str(i).strip()):
+    members = tuple(m.strip() for m in item.split("+"))
+    if not all(members) or any(m not in presets for m in members):
+      raise ValueError(f"{name} must be comma-separated ensembles written as the '+'-joined "
+                       f"augmentation presets of their members, each one of the teachers' "
+                       f"presets ({', '.join(presets)}), e.g. 'weak+weak,strong+weak'; "
+                       f"got {item!r}")
+    compositions.append(members)
+  if len(set(compositions)) != len(compositions):
+    raise ValueError(f"{name} lists an ensemble twice: {value!r}")
+  return tuple(compositions)
+
+
+def ensemble_members(group: Sequence[Replica], composition: Sequence[str], seed: int,
+                     num_teachers: int) -> tuple[int, ...]:
+  """The teacher indices of student seed `seed`'s ensemble (module docstring): member j has
+  preset composition[j] and teacher seed (seed * M + j) mod num_teachers."""
+  by_key = {(t.augment, t.seed): t.index for t in group}
+  size = len(composition)
+  return tuple(by_key[(preset, (seed * size + j) % num_teachers)]
+               for j, preset in enumerate(composition))
+
+
 def teacher_augments(config) -> tuple[str, ...]:
   """The teachers' augmentation presets: `teacher_augment` (a list) or else `augment`."""
   value = config.get("teacher_augment", "") or config.augment
@@ -195,12 +234,15 @@ def student_replicas(config, total_steps: int, specs: Sequence[ModelSpec],
   grids (one grid point each, recorded as alpha 0, temperature 1, no window).
   Student seed s learns from the s mod n-th teacher of its teacher model (n of them); arms that
   learn from their own teacher are also expanded over the teachers' augmentation presets
-  (`teacher_augment`), so that with presets none,strong every seed has a student of each."""
+  (`teacher_augment`), so that with presets none,strong every seed has a student of each, and
+  arms that learn from an ensemble over the `ensembles` compositions (module docstring)."""
   arm_names = parse_names("arms", config.arms, tuple(arms_lib.ARMS))
   alphas = parse_grid("alpha", config.alpha)
   temperatures = parse_grid("temperature", config.temperature)
   lrs = parse_grid("optimizer.learning_rate", config.optimizer.learning_rate)
   windows = parse_windows("kd_windows", config.kd_windows)
+  compositions = parse_ensembles("ensembles", config.get("ensembles", ""),
+                                 teacher_augments(config))
   by_model: dict[str, list[Replica]] = {}
   for t in teachers:
     by_model.setdefault(t.model, []).append(t)
@@ -220,29 +262,40 @@ def student_replicas(config, total_steps: int, specs: Sequence[ModelSpec],
         teacher_models = list(by_model.values())
       else:
         teacher_models = [None]
+      # One entry per teacher set the arm is trained against: (teachers, composition).
+      teacher_sets = [(group, None) for group in teacher_models]
       if arm.teacher_signal == "teacher":
         # Teachers trained with different augmentation are different teachers to learn from
         # (arXiv 2510.12615: a heavily augmented teacher); other arms would train duplicates.
-        teacher_models = [[t for t in group if t.augment == preset]
-                          for group in teacher_models
-                          for preset in dict.fromkeys(t.augment for t in group)]
+        teacher_sets = [([t for t in group if t.augment == preset], None)
+                        for group in teacher_models
+                        for preset in dict.fromkeys(t.augment for t in group)]
+      elif arm.teacher_signal == "ensemble" and compositions:
+        teacher_sets = [(group, c) for group in teacher_models for c in compositions]
       grid = list(itertools.product(alphas, temperatures, lrs, windows)) \
           if has_teacher_term else [(0.0, 1.0, lr, None) for lr in lrs]
       smoothing = float(config.arm_options.label_smoothing) \
           if arm_name == "label_smoothing" else 0.0
-      for group in teacher_models:
+      for group, composition in teacher_sets:
         for alpha, temperature, lr, window in grid:
           start, stop = window or (0.0, 0.0)
           for seed in range(int(config.num_seeds)):
+            ensemble = ()
+            if arm.teacher_signal == "ensemble":
+              ensemble = tuple(t.index for t in group) if composition is None else \
+                  ensemble_members(group, composition, seed, int(config.num_teachers))
+            augment_label = "" if group is None else \
+                group[0].augment if arm.teacher_signal == "teacher" else \
+                "+".join(composition) if composition is not None else ""
             rows.append(Replica(
                 index=len(rows), stage="students", arm=arm_name, seed=seed,
-                teacher=-1 if group is None else group[seed % len(group)].index,
+                teacher=-1 if group is None else ensemble[0] if composition is not None
+                else group[seed % len(group)].index,
                 alpha=alpha, temperature=temperature, learning_rate=lr,
                 label_smoothing=smoothing, kd_start=int(round(start * total_steps)),
                 kd_stop=int(round(stop * total_steps)), init=init, augment=config.augment,
                 model=spec.label, teacher_model="" if group is None else group[0].model,
-                teacher_augment="" if group is None or arm.teacher_signal != "teacher"
-                else group[0].augment,
+                teacher_augment=augment_label, ensemble=ensemble,
                 kd_window="" if window is None else window_label(window)))
   return rows
 
@@ -269,11 +322,20 @@ def stream_keys(config_seed: int, replicas: Sequence[Replica], stream: str,
 def hparams(replicas: Sequence[Replica],
             teacher_indices: Sequence[int] = ()) -> arms_lib.ReplicaHParams:
   """The stacked per-replica loss hyperparameters ([R] leaves). `teacher_index` is the position
-  of a replica's teacher in `teacher_indices` (the teacher replicas its program is given)."""
+  of a replica's teacher in `teacher_indices` (the teacher replicas its program is given);
+  `ensemble_index` / `ensemble_weight` [R, M] those of its ensemble's members and 1/M each."""
   column = lambda name, dtype: np.array([getattr(r, name) for r in replicas], dtype)
   position = {t: i for i, t in enumerate(teacher_indices)}
+  # Ensembles padded to the largest one: weights 1/M on members, 0 on padding.
+  size = max([len(r.ensemble) for r in replicas] + [1])
+  members = np.zeros((len(replicas), size), np.int32)
+  weights = np.zeros((len(replicas), size), np.float32)
+  for i, r in enumerate(replicas):
+    members[i, :len(r.ensemble)] = [position[t] for t in r.ensemble]
+    weights[i, :len(r.ensemble)] = 1.0 / max(len(r.ensemble), 1)
   return arms_lib.ReplicaHParams(
       alpha=column("alpha", np.float32), temperature=column("temperature", np.float32),
       label_smoothing=column("label_smoothing", np.float32),
       kd_start=column("kd_start", np.int32), kd_stop=column("kd_stop", np.int32),
-      teacher_index=np.array([position.get(r.teacher, 0) for r in replicas], np.int32))
+      teacher_index=np.array([position.get(r.teacher, 0) for r in replicas], np.int32),
+      ensemble_index=members, ensemble_weight=weights)

@@ -252,6 +252,19 @@ def resolve(config, *, num_devices: int | None = None) -> Study:
   if config.get("teacher_augment", ""):
     _names_or_error(lambda: replicas_lib.parse_names(
         "teacher_augment", config.teacher_augment, data_lib.AUGMENT_PRESETS), "teacher_augment")
+  ensembles = _names_or_error(lambda: replicas_lib.parse_ensembles(
+      "ensembles", config.get("ensembles", ""), replicas_lib.teacher_augments(config)),
+      "ensembles")
+  if ensembles:
+    ensemble_arms = [a for a in arms_lib.ARMS.values() if a.teacher_signal == "ensemble"]
+    if not any(a.name in arm_names for a in ensemble_arms):
+      raise ConfigError("ensembles", "is set, but no arm learns from an ensemble; add one of "
+                        f"{', '.join(a.name for a in ensemble_arms)} to arms or set ensembles=''")
+    largest = max(len(c) for c in ensembles)
+    if int(config.num_teachers) < largest:
+      raise ConfigError("num_teachers", f"must be at least {largest}, the members of the largest "
+                        f"ensemble in ensembles ({config.ensembles!r}), so that its members are "
+                        f"different teachers; got {config.num_teachers}")
   options = _loss_options(config)
   analyses = ()
   if config.get("analyses", ""):

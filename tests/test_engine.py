@@ -383,13 +383,13 @@ def test_learning_rate_grid_and_kd_window_are_per_replica(teachers):
 
 # ---------------------------------------------------------------- 3. each arm's loss
 
-ALL_ARMS = ("kd", "rcd", "siddo", "onehot", "label_smoothing", "ensemble_kd", "standardized_kd",
-            "ats", "isats", "dkd", "feature_hint")
+ALL_ARMS = ("kd", "rcd", "siddo", "onehot", "label_smoothing", "ensemble_kd",
+            "ensemble_standardized_kd", "standardized_kd", "ats", "isats", "dkd", "feature_hint")
 # The unrolled path of kd and rcd is checked in test_replica_alone_..., that of the 'ce' kind
 # (siddo, onehot) by the teachers' plain loop; an unrolled step compiles per replica, so the
 # unrolled run here takes only the other arms.
-UNROLLED_ARMS = ("label_smoothing", "ensemble_kd", "standardized_kd", "ats", "isats", "dkd",
-                 "feature_hint")
+UNROLLED_ARMS = ("label_smoothing", "ensemble_kd", "ensemble_standardized_kd", "standardized_kd",
+                 "ats", "isats", "dkd", "feature_hint")
 ALPHA, TEMPERATURE, RCD_RANGE = 0.3, 2.0, (-1.0, 2.0)
 
 
@@ -412,9 +412,17 @@ def _reference_loss(arm: str, params, teacher_vars, x, y, *, step: int, seed: in
   teacher_logits, teacher_feats = t_out[teacher][0], t_out[teacher][1]
   ce = losses.softmax_cross_entropy(logits, y)
   a, t = alpha, temperature
-  if arm in ("kd", "ensemble_kd", "rcd"):
-    if arm == "ensemble_kd":
-      teacher_logits = losses.ensemble_teacher_logits(jnp.stack([o[0] for o in t_out]), axis=0)
+  def standardized_kd(teacher_logits):
+    kl = losses.kl_divergence(losses.standardize_logits(teacher_logits),
+                              losses.standardize_logits(logits), temperature=t)
+    return (1 - a) * ce + a * t**2 * kl
+
+  if arm == "ensemble_kd":  # the mean of the kd loss against each member (every teacher here)
+    per_example = sum(losses.kd_loss(logits, o[0], y, alpha=a, temperature=t)
+                      for o in t_out) / len(t_out)
+  elif arm == "ensemble_standardized_kd":
+    per_example = sum(standardized_kd(o[0]) for o in t_out) / len(t_out)
+  elif arm in ("kd", "rcd"):
     if arm == "rcd":
       key = jax.random.fold_in(_key("students", seed, "rcd"), step)
       teacher_logits = losses.random_control_logits(key, logits.shape, minval=rcd_range[0],
@@ -425,9 +433,7 @@ def _reference_loss(arm: str, params, teacher_vars, x, y, *, step: int, seed: in
   elif arm == "label_smoothing":
     per_example = losses.softmax_cross_entropy(logits, y, label_smoothing=0.1)
   elif arm == "standardized_kd":
-    kl = losses.kl_divergence(losses.standardize_logits(teacher_logits),
-                              losses.standardize_logits(logits), temperature=t)
-    per_example = (1 - a) * ce + a * t**2 * kl
+    per_example = standardized_kd(teacher_logits)
   elif arm == "ats":
     per_example = losses.ats_kd_loss(logits, teacher_logits, y, alpha=a, target_temperature=4.0,
                                      nontarget_temperature=2.0, temperature=t)

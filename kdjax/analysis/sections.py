@@ -77,5 +77,6 @@ def _import_all() -> None:
   # pylint: disable=g-import-not-at-top,unused-import
   from kdjax.analysis import capacity  # capacity (arXiv 2405.13078)
   from kdjax.analysis import deviation  # deviation, kd_switch (arXiv 2301.12923, Sec. 3)
+  from kdjax.analysis import ensemble  # ensemble_attention (arXiv 2405.00739)
   from kdjax.analysis import eigen  # eigen_trajectory, gradient_denoising (arXiv 2301.12923, Sec. 4)
   from kdjax.analysis import width  # width_scaling (arXiv 2510.12615)

@@ -51,6 +51,7 @@ HIGHER_IS_MORE_SIMILAR = {
 
 _ARM_DISPLAY = {"kd": "KD", "rcd": "RCD", "siddo": "SIDDO", "onehot": "one-hot",
                 "label_smoothing": "label-smoothing", "ensemble_kd": "ensemble-KD",
+                "ensemble_standardized_kd": "ensemble-standardized-KD",
                 "standardized_kd": "standardized-KD", "ats": "ATS", "isats": "ISATS",
                 "dkd": "DKD", "feature_hint": "feature-hint"}
 
