@@ -72,7 +72,8 @@ class Replica:
   ensemble: tuple[int, ...] = ()  # the teacher replicas it distils from as an ensemble
 
   def to_json(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    """The replica as JSON values (what a metadata file round-trips to: lists, not tuples)."""
+    return {**dataclasses.asdict(self), "ensemble": list(self.ensemble)}
 
 
 def parse_grid(name: str, value) -> tuple[float, ...]:
