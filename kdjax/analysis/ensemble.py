@@ -120,7 +120,8 @@ def pair_iou(context: sections.Context, pairs) -> dict[tuple[int, int], float]:
       jitted[group.key] = jax.jit(lambda v, x: attention_map(module, v, x))
     return jitted[group.key]
 
-  probe = np.zeros((1,) + tuple(study.dataset.input_shape), np.float32)
+  probe = np.zeros((1,) + tuple(study.dataset.input_shape),
+                   np.int32 if study.dataset.modality == "text" else np.float32)
   has_map = {}
   for j in needed:
     group = study.teacher.group_of(j)
