@@ -35,6 +35,8 @@ setup(
         "scikit-learn>=1.5",
     ],
     extras_require={
-        "test": ["pytest>=8.0", "pytest-xdist>=3.6"],
+        # The GCS emulator and gcsfs: tests/test_object_store.py runs a study on a gs:// workdir.
+        "test": ["pytest>=8.0", "pytest-xdist>=3.6", "gcp-storage-emulator>=2026.7",
+                 "gcsfs>=2026.10"],
     },
 )

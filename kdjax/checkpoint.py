@@ -19,7 +19,6 @@ starting over.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from typing import Any, Sequence
@@ -28,6 +27,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from kdjax import distributed
+from kdjax import workdir as workdir_lib
 from kdjax.replicas import Replica
 
 
@@ -44,7 +44,7 @@ def replica_metadata(stage: str, replicas: Sequence[Replica], **extra) -> dict[s
 def finished_steps(directory: str) -> list[int]:
   """The complete steps in `directory`, ascending, as Orbax lists them: temporary directories
   of unfinished saves and set-aside unreadable steps are not steps."""
-  if not os.path.isdir(directory):
+  if not workdir_lib.is_dir(directory):
     return []
   return sorted(ocp.path.step.checkpoint_steps(directory))
 
@@ -72,14 +72,18 @@ def _drop_closed_loop_callbacks() -> None:
   """After a restore fails, TensorStore still completes the reads that were in flight and hands
   each result to the asyncio loop Orbax has closed meanwhile; every one would print a
   "RuntimeError: Event loop is closed" traceback (through sys.unraisablehook) around the one
-  warning that matters. Drops exactly those; installed once, on the first failed restore."""
+  warning that matters, and a read coroutine discarded with its error still pending prints that
+  error again ("Encountered error while reading array index", the failure the restore already
+  reported). Drops exactly those; installed once, on the first failed restore."""
   if getattr(sys.unraisablehook, "kdjax", False):
     return
   previous = sys.unraisablehook
 
   def hook(unraisable) -> None:
     exc = unraisable.exc_value
-    if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
+    closed_loop = isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+    echo = str(exc).startswith("Encountered error while reading array index")
+    if not (closed_loop or echo):
       previous(unraisable)
 
   hook.kdjax = True
@@ -91,7 +95,7 @@ class StageCheckpoints:
 
   def __init__(self, directory: str, *, save_every_steps: int | None = None,
                keep: int | None = None, read_only: bool = False):
-    self.directory = os.path.abspath(directory)
+    self.directory = workdir_lib.absolute(directory)  # a local path or gs://...
     self.read_only = read_only
     if read_only:
       # Not orbax's read_only mode, which logs a warning on every open; this manager only reads.
@@ -113,8 +117,8 @@ class StageCheckpoints:
     saved = self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), replicas=ocp.args.JsonSave(metadata)), force=force)
     if saved:
-      with open(os.path.join(os.path.dirname(self.directory), "replicas.json"), "w") as f:
-        json.dump(metadata, f, indent=1)
+      workdir_lib.write_text(workdir_lib.join(workdir_lib.parent(self.directory), "replicas.json"),
+                             json.dumps(metadata, indent=1))
     return saved
 
   def restore(self, abstract_state, step: int | None = None):
@@ -171,7 +175,8 @@ class StageCheckpoints:
       names = [f"{step}.unreadable-{stamp}" for step, _ in failures]
       if distributed.is_primary():  # several processes share the directory; one renames
         for (step, _), name in zip(failures, names):
-          os.rename(os.path.join(self.directory, str(step)), os.path.join(self.directory, name))
+          workdir_lib.rename(workdir_lib.join(self.directory, str(step)),
+                             workdir_lib.join(self.directory, name))
       distributed.barrier("kdjax: unreadable checkpoints set aside")
       self.manager.reload()  # its cached step list still holds the renamed steps
       aside = f"; set aside as {', '.join(names)}"

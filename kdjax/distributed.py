@@ -25,7 +25,7 @@ implementation); the setting does not affect GPU or TPU devices.
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -83,6 +83,21 @@ def initialize(environ: Mapping[str, str] | None = None) -> bool:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(**kwargs)
   return jax.process_count() > 1
+
+
+def fitting_meshes(group_sizes: Sequence[int], num_devices: int,
+                   batch_sizes: Sequence[int] = ()) -> list[tuple[int, int]]:
+  """Every (replica, data) mesh over exactly `num_devices` devices on which each group's
+  replicas divide over the replica axis and each batch size over the data axis, the largest
+  replica axis first (whole replicas per device before split batches). With no batch sizes
+  the list always ends with (1, num_devices)."""
+  meshes = []
+  for replica in range(num_devices, 0, -1):
+    data = num_devices // replica
+    if (num_devices % replica == 0 and all(int(n) % replica == 0 for n in group_sizes)
+        and all(int(b) % data == 0 for b in batch_sizes)):
+      meshes.append((replica, data))
+  return meshes
 
 
 def is_primary() -> bool:

@@ -6,20 +6,19 @@
 stages; a stage resumes from its latest checkpoint. Invalid input gets one line on stderr naming
 the key and what is allowed, exit code 2, and nothing written.
 
-Reliability: a run holds an exclusive lock on WORKDIR (a second run there is refused, exit 2);
-SIGTERM or Ctrl-C during training saves a checkpoint at the current step and exits with
-128 + the signal number (143, 130) and one line saying so; after that, or after a kill -9,
-rerunning the same command resumes and ends with the results of an uninterrupted run.
+WORKDIR is a local directory or an object-store prefix (gs://bucket/path); every access goes
+through kdjax.workdir. Reliability: a run holds an exclusive lock on WORKDIR (a second run there
+is refused, exit 2); SIGTERM or Ctrl-C during training saves a checkpoint at the current step
+and exits with 128 + the signal number (143, 130) and one line saying so; after that, or after
+a kill -9, rerunning the same command resumes and ends with the results of an uninterrupted
+run. Training refuses a mesh that the study's groups do not fit, naming the meshes that would;
+the analysis lays out its own (kdjax.analysis.fit_to_devices).
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
-import os
-import shutil
-import socket
 import sys
 
 from absl import app
@@ -35,7 +34,6 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs
 RUN_KEYS = ("stages", "overwrite", "execution", "log_every_steps", "eval_every_steps",
             "checkpoint_every_steps", "keep_checkpoints", "eval_batch_size", "data_dir", "mesh")
 STAGE_DIRS = ("teacher", "students", "analysis")
-LOCK_FILE = ".kdjax.lock"
 
 
 def fail(message: str) -> None:
@@ -49,12 +47,12 @@ def _study_fields(config_json: dict) -> dict:
 
 def _check_workdir(workdir: str, config) -> bool:
   """True if the workdir holds a different study that `overwrite` allows replacing."""
+  from kdjax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   from kdjax.study import ConfigError  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  path = workdir_lib.join(workdir, "config.json")
+  if not workdir_lib.exists(path):
     return False
-  with open(path) as f:
-    existing = _study_fields(json.load(f))
+  existing = _study_fields(workdir_lib.read_json(path))
   requested = _study_fields(json.loads(config.to_json_best_effort()))
   if existing == requested:
     return False
@@ -80,24 +78,37 @@ def _check_workdir_state(study, config, workdir: str) -> bool:
   return replace
 
 
-def lock_workdir(workdir: str) -> int:
-  """Takes an exclusive lock on WORKDIR/.kdjax.lock for the rest of this process (fcntl.flock,
-  non-blocking) and writes "PID HOST" into the file; returns its descriptor. The kernel drops
-  the lock when the process ends, however it ends, so a kill -9 leaves no stale lock. Raises
-  RuntimeError naming the holder when another process has it."""
-  os.makedirs(workdir, exist_ok=True)
-  fd = os.open(os.path.join(workdir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+def resolve(config, num_devices: int | None = None):
+  """kdjax.study.resolve for this run's `num_devices` (default: all). A study whose groups do
+  not fit the mesh there is still resolved when only the analysis runs (it lays out its own
+  mesh, as a workstation must for a pod's workdir); for training the ConfigError's message
+  gains the meshes that would fit (`kdjax.distributed.fitting_meshes`)."""
+  from kdjax import distributed  # pylint: disable=g-import-not-at-top
+  from kdjax import study as study_lib  # pylint: disable=g-import-not-at-top
   try:
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-  except BlockingIOError:
-    holder = os.pread(fd, 256, 0).decode(errors="replace").split()
-    os.close(fd)
-    who = f"pid {holder[0]} on {holder[1]}" if len(holder) >= 2 else "another process"
-    raise RuntimeError(f"--workdir: {workdir} is in use by another kdjax run ({who}); wait for "
-                       "it to end or use another --workdir") from None
-  os.ftruncate(fd, 0)
-  os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
-  return fd
+    return study_lib.resolve(config, num_devices=num_devices)
+  except study_lib.ConfigError as error:
+    one_device = config.copy_and_resolve_references()
+    with one_device.unlocked():
+      one_device.mesh = {"replica": 1, "data": 1}
+    try:
+      study = study_lib.resolve(one_device, num_devices=1)
+    except study_lib.ConfigError:
+      raise error from None  # not a question of devices
+    if not set(study.stages) & {"teacher", "students"}:
+      return study
+    import jax  # pylint: disable=g-import-not-at-top
+    devices = jax.device_count() if num_devices is None else int(num_devices)
+    sizes = [len(g.replicas) for stage in (study.teacher, study.students) for g in stage.groups]
+    fits = distributed.fitting_meshes(sizes, devices, (config.batch_size, config.eval_batch_size))
+    if fits:
+      allowed = " or ".join(f"--config.mesh.replica={r} --config.mesh.data={d}" for r, d in fits)
+      hint = f"; meshes that fit the {devices} devices: {allowed}"
+    else:
+      hint = (f"; no mesh of the {devices} devices fits: mesh.replica must divide every group's "
+              f"replica count ({', '.join(map(str, sorted(set(sizes))))}) and mesh.data "
+              "batch_size and eval_batch_size")
+    raise study_lib.ConfigError(error.key, str(error).split(": ", 1)[1] + hint) from None
 
 
 class _KdjaxRecords(logging.Filter):
@@ -142,14 +153,20 @@ def main(argv) -> None:
   from kdjax import study as study_lib  # pylint: disable=g-import-not-at-top
   from kdjax import preemption  # pylint: disable=g-import-not-at-top
   from kdjax import train  # pylint: disable=g-import-not-at-top
+  from kdjax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   primary = distributed.is_primary()  # with several processes, process 0 owns the workdir
+  if not workdir_lib.is_local(workdir):
+    try:
+      workdir_lib.kvstore_spec(workdir)  # a store that Orbax and the lock can write to
+    except ValueError as e:
+      fail(str(e))
   records.validating = True
   try:
-    study = study_lib.resolve(config)
+    study = resolve(config)
     _check_workdir_state(study, config, workdir)
     if primary:
       # Checked again under the lock: a run that held it may have changed the workdir meanwhile.
-      lock_workdir(workdir)  # held until the process ends: the descriptor is never closed
+      workdir_lib.lock(workdir)  # held until the process ends
       replace = _check_workdir_state(study, config, workdir)
   except (study_lib.ConfigError, RuntimeError) as e:
     fail(str(e))
@@ -157,12 +174,12 @@ def main(argv) -> None:
   if primary:
     if replace:
       for name in STAGE_DIRS:
-        shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
+        workdir_lib.rmtree(workdir_lib.join(workdir, name))
     # Without `mesh`: it describes this run's devices, and the analysis, which reads config.json
     # (also on one host, from a copy of a pod's workdir), lays out the devices it finds.
     record = {k: v for k, v in json.loads(config.to_json_best_effort()).items() if k != "mesh"}
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(json.dumps(record, indent=2, sort_keys=True))
+    workdir_lib.write_text(workdir_lib.join(workdir, "config.json"),
+                           json.dumps(record, indent=2, sort_keys=True))
   distributed.barrier("kdjax: workdir ready")  # the others start once process 0 has written
 
   for stage in study.stages:

@@ -30,11 +30,16 @@ collective) while the others step. There JAX's preemption service already owns S
 notifier is installed by `jax.distributed.initialize`) and agrees on a step: `poll` asks
 `multihost_utils.reached_preemption_sync_point`, and no Python handler is installed (it would
 replace the service's, which Python cannot reinstall afterwards). Ctrl-C keeps its usual
-meaning there.
+meaning there. The service's safe step is the largest step id any process has reported, plus
+one, so the ids must grow over the whole run: `poll` reports its own call count (the same in
+every process, which all poll every step of the same stages), not the stage's step, which
+restarts with each stage (a SIGTERM arriving while the students stage compiles would otherwise
+get the safe step "teacher's last step + 1", which a stage of no more steps never reaches).
 """
 
 from __future__ import annotations
 
+import itertools
 import signal
 import threading
 from typing import Sequence
@@ -42,6 +47,8 @@ from typing import Sequence
 import jax
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# The step ids this process reports to JAX's preemption sync: one per `poll`, over all stages.
+_SYNC_IDS = itertools.count(1)
 
 
 class Preempted(Exception):
@@ -84,11 +91,13 @@ class StopRequests:
   def poll(self, step: int) -> bool:
     """Whether to stop after `step`. One process: `requested`. Several: True on every process at
     the step JAX's preemption service agreed on after a SIGTERM reached any of them; every
-    process must call this at every step (kdjax's loop does)."""
+    process must call this at every step (kdjax's loop does). The id given to the service is
+    this process's number of polls so far (see the module docstring)."""
+    del step  # the stage's step: the service needs ids that grow across stages
     if not self._multiprocess:
       return self.requested
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    if multihost_utils.reached_preemption_sync_point(step):
+    if multihost_utils.reached_preemption_sync_point(next(_SYNC_IDS)):
       self.signum = signal.SIGTERM
       return True
     return False

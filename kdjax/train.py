@@ -9,7 +9,6 @@ console gets a progress line (step, steps/s, ETA) and per-arm means (clu Logging
 from __future__ import annotations
 
 import collections
-import os
 import time
 
 import jax
@@ -23,24 +22,25 @@ from kdjax import data as data_lib
 from kdjax import distributed
 from kdjax import losses
 from kdjax import preemption
+from kdjax import workdir as workdir_lib
 from kdjax.engine import Engine, Teachers, eval_batch_jit
 from kdjax.study import Study
 
 
 def stage_dir(workdir: str, stage: str) -> str:
-  return os.path.join(workdir, stage)
+  return workdir_lib.join(workdir, stage)
 
 
 def checkpoints(workdir: str, stage: str, config=None, *, read_only: bool = False):
   return checkpoint_lib.StageCheckpoints(
-      os.path.join(stage_dir(workdir, stage), "checkpoints"),
+      workdir_lib.join(stage_dir(workdir, stage), "checkpoints"),
       save_every_steps=None if config is None else int(config.checkpoint_every_steps),
       keep=None if config is None else int(config.keep_checkpoints), read_only=read_only)
 
 
 def check_finished(study: Study, workdir: str, stage: str) -> None:
   """Raises RuntimeError unless `stage` has a checkpoint at its last step in `workdir`."""
-  directory = os.path.join(stage_dir(workdir, stage), "checkpoints")
+  directory = workdir_lib.join(stage_dir(workdir, stage), "checkpoints")
   step = checkpoint_lib.latest_finished_step(directory)
   total = study.stage(stage).total_steps
   if step is None or step < total:
@@ -145,7 +145,7 @@ def run_stage(study: Study, stage: str, workdir: str) -> None:
   logdir = stage_dir(workdir, stage)
   # Several processes: every one computes (host reads are collectives), process 0 reports.
   primary = distributed.is_primary()
-  tensorboard = metric_writers.SummaryWriter(logdir) if primary else None
+  tensorboard = workdir_lib.summary_writer(logdir) if primary else None
   console = metric_writers.LoggingWriter() if primary else None
   step = int(states[first.group.key].step)
   models = ", ".join(f"{len(e.group.replicas)} of {e.group.model.label}" for e in stage_engines)

@@ -6,9 +6,12 @@ data axis; closed forms for the mesh arithmetic and the sweep's launch plan.
 
 Cost (2 cores): the expensive parts run in subprocesses in a background thread while the
 in-process reference trains: `launch/multiprocess.sh` with 2 processes x 2 CPU devices (gloo
-collectives), and a 2-device script that trains a tiny BatchNorm model with mesh data=2 and
-data=1. They share a persistent compilation cache with this process, which compiles the cnn
-init (the costliest compile, threefry on XLA:CPU) before they start.
+collectives), stopped by a SIGTERM to one process as its students stage starts and launched
+again (so one study checks both the multi-process results and the preemption path); a
+2-device script that trains a tiny BatchNorm model with mesh data=2 and data=1; and the
+analysis of the two-process workdir on 3 devices. They share a persistent compilation cache
+with this process, which compiles the cnn init (the costliest compile, threefry on XLA:CPU)
+before they start.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ import importlib.util
 import json
 import os
 import pathlib
+import re
 import shlex
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -138,23 +143,86 @@ DATA_AXIS_SCRIPT = textwrap.dedent("""
 """)
 
 
+# Runs the multi-process launch (the command in argv[1], JSON) and sends SIGTERM to its
+# process 1 once process 0 prints the students stage's header; records the exit status and
+# the logs of that launch, then execs the same launch again (its output and exit status are
+# the job's).
+PREEMPT_SCRIPT = textwrap.dedent("""
+    import json, os, pathlib, signal, subprocess, sys, time
+
+    command, base = json.loads(sys.argv[1]), pathlib.Path(sys.argv[2])
+
+    def descendants(pid):
+      children = {}
+      for entry in pathlib.Path("/proc").iterdir():
+        if not entry.name.isdigit():
+          continue
+        try:
+          ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+          continue
+        children.setdefault(ppid, []).append(int(entry.name))
+      out, todo = [], [pid]
+      while todo:
+        for child in children.get(todo.pop(), []):
+          out.append(child)
+          todo.append(child)
+      return out
+
+    def worker(launcher, index):
+      for pid in descendants(launcher):
+        try:
+          environ = pathlib.Path(f"/proc/{pid}/environ").read_bytes().split(b"\\0")
+          cmdline = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+          continue
+        if f"KDJAX_PROCESS_ID={index}".encode() in environ and b"kdjax.main" in cmdline:
+          return pid
+      sys.exit(f"no process {index} under the launcher")
+
+    log = base / "first_launch.log"
+    with open(log, "w") as out:
+      launcher = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    while "[students] 2 replicas" not in log.read_text():
+      if launcher.poll() is not None:
+        sys.exit(f"the first launch ended ({launcher.returncode}) before the students stage")
+      time.sleep(0.05)
+    os.kill(worker(launcher.pid, 1), signal.SIGTERM)
+    returncode = launcher.wait()
+    (base / "logs" / "process_1.log").rename(base / "first_launch_process_1.log")
+    (base / "first_launch.json").write_text(json.dumps({"returncode": returncode}))
+    sys.stdout.flush()
+    os.execvp(command[0], command)
+""")
+
+
 @pytest.fixture(scope="module")
 def jobs(tmp_path_factory, cache_env):
   base = tmp_path_factory.mktemp("multihost")
   script = base / "data_axis.py"
   script.write_text(DATA_AXIS_SCRIPT)
+  (base / "preempt.py").write_text(PREEMPT_SCRIPT)
+  launch = [str(LAUNCH / "multiprocess.sh"), "--processes", "2", "--devices-per-process", "2",
+            "--log-dir", str(base / "logs"), "--", f"--config={ROOT / 'configs' / 'default.py'}",
+            f"--workdir={base / 'workdir'}", "--config.stages=teacher,students,analysis",
+            *_flags(), "--config.mesh.replica=2", "--config.mesh.data=2"]
   # 2 CPU devices for the data-axis script; the launcher sets its processes' own count.
   two_devices = dict(cache_env, XLA_FLAGS="--xla_force_host_platform_device_count=2")
   background = _cli.BackgroundJobs({
-      "two_processes": (
-          [str(LAUNCH / "multiprocess.sh"), "--processes", "2", "--devices-per-process", "2",
-           "--log-dir", str(base / "logs"), "--",
-           f"--config={ROOT / 'configs' / 'default.py'}", f"--workdir={base / 'workdir'}",
-           "--config.stages=teacher,students,analysis", *_flags(),
-           "--config.mesh.replica=2", "--config.mesh.data=2"],
-          base / "two_processes.log"),
+      # Stopped by SIGTERM to process 1 as the students stage starts, then launched again.
+      "two_processes": ([sys.executable, str(base / "preempt.py"), json.dumps(launch),
+                         str(base)], base / "two_processes.log"),
       "data_axis": ([sys.executable, str(script), str(base / "data_axis.npz")],
                     base / "data_axis.log"),
+      # The pod's workdir (replica axis 2) analysed on a host with 3 devices, in a copy: the
+      # in-process tests read the original meanwhile.
+      "analysis_3_devices": (
+          ["bash", "-c", 'cp -r "$1" "$2" && XLA_FLAGS=--xla_force_host_platform_device_count=3 '
+           'exec "$3" -m kdjax.main "${@:4}"', "bash", str(base / "workdir"),
+           str(base / "analysed_on_3"), sys.executable,
+           f"--config={ROOT / 'configs' / 'default.py'}", f"--workdir={base / 'analysed_on_3'}",
+           "--config.stages=analysis", *_flags()],
+          base / "analysis_3_devices.log"),
   }, two_devices, base=base)
   yield background
   background.close()
@@ -283,15 +351,18 @@ def test_data_axis_gives_the_results_of_one_device(jobs, reference):
 # ---------------------------------------------------------------------------------- 2 processes
 
 
-def _event_scalars(stage_dir) -> dict[str, dict[int, float]]:
+def _event_scalars(stage_dir, launches: int = 1) -> dict[str, dict[int, float]]:
+  """{tag: {step: value}} of the stage's event files: one per launch, process 0's alone."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   scalars: dict[str, dict[int, float]] = {}
   files = sorted(pathlib.Path(stage_dir).glob("events.out.tfevents.*"))
-  assert len(files) == 1, f"expected one event file (process 0's) in {stage_dir}: {files}"
-  for event in tf.compat.v1.train.summary_iterator(str(files[0])):
-    for value in event.summary.value:
-      number = tf.make_ndarray(value.tensor) if value.HasField("tensor") else value.simple_value
-      scalars.setdefault(value.tag, {})[event.step] = float(number)
+  assert len(files) == launches, f"expected {launches} event files in {stage_dir}: {files}"
+  for path in files:
+    for event in tf.compat.v1.train.summary_iterator(str(path)):
+      for value in event.summary.value:
+        number = tf.make_ndarray(value.tensor) if value.HasField("tensor") else \
+            value.simple_value
+        scalars.setdefault(value.tag, {})[event.step] = float(number)
   return scalars
 
 
@@ -304,9 +375,10 @@ def two_process_workdir(jobs, reference):
 
 def test_two_processes_reach_the_results_of_one(study, reference, two_process_workdir):
   """2 processes x 2 CPU devices (mesh replica=2 x data=2: each process trains its own
-  replica, each replica's batch split over the process's 2 devices) end where 1 device ends,
-  per replica, up to the order of reductions; the eval scalars they log match; only process 0
-  prints and writes TensorBoard events."""
+  replica, each replica's batch split over the process's 2 devices), stopped by SIGTERM and
+  launched again, end where 1 device ends without a stop, per replica, up to the order of
+  reductions; the eval scalars they log match; only process 0 prints and writes TensorBoard
+  events (one file per launch)."""
   workdir, output = two_process_workdir
   assert "4 cpu device(s)), 10 steps; mesh replica=2 x data=2 over 2 processes" in output
   assert "[analysis] skipped" in output  # the analysis runs on one host
@@ -320,7 +392,8 @@ def test_two_processes_reach_the_results_of_one(study, reference, two_process_wo
                             jax.tree.leaves(ref.params)):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5,
                                  err_msg=f"{stage} {jax.tree_util.keystr(path)}")
-    theirs, mine = _event_scalars(workdir / stage), _event_scalars(pathlib.Path(reference) / stage)
+    theirs = _event_scalars(workdir / stage, launches=2)
+    mine = _event_scalars(pathlib.Path(reference) / stage)
     evals = sorted(t for t in mine if t.endswith(("eval_accuracy", "eval_loss")))
     assert evals and evals == sorted(t for t in theirs if t.endswith(
         ("eval_accuracy", "eval_loss")))
@@ -346,6 +419,98 @@ def test_two_process_checkpoint_restores_in_one_process(study, two_process_workd
   with open(workdir / "students" / "replicas.json") as f:
     rows = json.load(f)["replicas"]
   assert [(r["arm"], r["seed"], r["teacher"]) for r in rows] == [("kd", 0, 0), ("rcd", 0, 0)]
+
+
+# ---------------------------------------------------------------------------------- meshes that fit
+
+
+@pytest.mark.parametrize("sizes,devices,batches,expected", [
+    ([2, 2], 3, (), [(1, 3)]), ([2, 2], 4, (), [(2, 2), (1, 4)]),
+    ([8, 16], 8, (), [(8, 1), (4, 2), (2, 4), (1, 8)]), ([1, 24], 4, (64, 600), [(1, 4)]),
+    ([2, 2], 3, (128, 300), []), ([3], 6, (4,), [(3, 2)]), ([5], 1, (7,), [(1, 1)])])
+def test_fitting_meshes(sizes, devices, batches, expected):
+  assert distributed.fitting_meshes(sizes, devices, batches) == expected
+
+
+def test_the_analysis_lays_a_study_out_on_any_number_of_devices(study):
+  """Groups of 2 replicas: on 8 devices replica=2 x data=4; on 7, replica=1 x data=7 and the
+  eval batch of 300 rounded up to 301 (a multiple of 7); the study itself is unchanged."""
+  from kdjax import analysis  # pylint: disable=g-import-not-at-top
+  on_8 = analysis.fit_to_devices(study, 8)
+  assert on_8.mesh == (2, 4) and on_8.config.mesh.to_dict() == {"replica": 2, "data": 4}
+  assert on_8.config.eval_batch_size == 300
+  on_7 = analysis.fit_to_devices(study, 7)
+  assert on_7.mesh == (1, 7) and on_7.config.eval_batch_size == 301
+  assert study.config.eval_batch_size == 300 and on_7.students == study.students
+
+
+def test_the_mesh_error_names_the_meshes_that_fit_and_an_analysis_alone_needs_none():
+  """Groups of 2 replicas, batches of 128 and 300: on 4 devices replica=4 does not fit, (2, 2)
+  and (1, 4) do; on 6 devices nothing does (data 3 or 6 splits no batch of 128). An
+  analysis-only run is resolved whatever the devices (it lays out its own mesh). kdjax.main
+  turns the ConfigError into its one line and exit 2, as for any key (tests/test_cli.py)."""
+  from kdjax import main  # pylint: disable=g-import-not-at-top
+  with pytest.raises(study_lib.ConfigError) as info:
+    main.resolve(_config(**{"mesh.replica": 4}), num_devices=4)
+  assert info.value.key == "num_teachers" and "\n" not in str(info.value)
+  assert str(info.value).endswith(
+      "; meshes that fit the 4 devices: --config.mesh.replica=2 --config.mesh.data=2 or "
+      "--config.mesh.replica=1 --config.mesh.data=4"), str(info.value)
+  with pytest.raises(study_lib.ConfigError, match=r"; no mesh of the 6 devices fits: "
+                     r"mesh.replica must divide every group's replica count \(2\)"):
+    main.resolve(_config(), num_devices=6)
+  assert main.resolve(_config(stages="analysis"), num_devices=3).mesh == (1, 1)
+
+
+def test_a_pod_workdir_analyses_on_a_host_whose_devices_it_does_not_divide(jobs,
+                                                                          two_process_workdir,
+                                                                          tmp_path):
+  """The 2 x 2 pod's workdir (replica axis 2) analysed with 3 devices picks replica=1 x data=3
+  and says so; its predictions and metrics are those of an analysis of the same checkpoints on
+  this process's 1 device, up to float rounding."""
+  from kdjax import analysis  # pylint: disable=g-import-not-at-top
+  workdir, _ = two_process_workdir
+  output = jobs.result("analysis_3_devices")
+  assert ("[analysis] mesh replica=1 x data=3 on 3 cpu devices (the largest replica axis "
+          "dividing every group's replica count: 2; eval batch 300)") in output, output[-3000:]
+  one_device = tmp_path / "one_device"
+  shutil.copytree(workdir, one_device, ignore=shutil.ignore_patterns("analysis"))
+  expected = analysis.run(str(one_device))
+  ours = np.load(jobs.base / "analysed_on_3" / "analysis" / "predictions.npz")
+  theirs = np.load(one_device / "analysis" / "predictions.npz")
+  assert sorted(ours.files) == sorted(theirs.files)
+  for key in theirs.files:
+    if theirs[key].dtype.kind == "f":
+      np.testing.assert_allclose(ours[key], theirs[key], rtol=1e-5, atol=1e-5, err_msg=key)
+    else:
+      np.testing.assert_array_equal(ours[key], theirs[key], err_msg=key)
+  got = json.loads((jobs.base / "analysed_on_3" / "analysis" / "metrics.json").read_text())
+  for mine, want in zip(got["replicas"], expected["replicas"]):
+    assert mine["metrics"] == pytest.approx(analysis.strict_json(want["metrics"]), abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------- SIGTERM
+
+
+def test_sigterm_to_one_process_stops_both_after_the_same_step_and_the_relaunch_resumes(
+    jobs, two_process_workdir):
+  """The two-process run of the jobs got SIGTERM in process 1 only, as its students stage
+  started: JAX's preemption sync stopped both processes after the same step, both saved it
+  (one collective checkpoint) and exited 143 with one line; the same command launched again
+  resumed from that step (and reached the 1-device results:
+  test_two_processes_reach_the_results_of_one)."""
+  _, output = two_process_workdir
+  assert json.loads((jobs.base / "first_launch.json").read_text()) == {"returncode": 143}
+  stops = []
+  for log in ("first_launch.log", "first_launch_process_1.log"):
+    text = (jobs.base / log).read_text()
+    match = re.search(r"^kdjax: stopped by SIGTERM at step (\d+) of 10 of the students stage; "
+                      "checkpoint saved; rerun the same command to resume$", text, re.MULTILINE)
+    assert match and "Traceback" not in text, text[-3000:]
+    stops.append(int(match[1]))
+  assert stops[0] == stops[1] < 10, stops
+  assert "[teacher] already finished (checkpoint step 10)" in output
+  assert f"students: resuming from checkpoint step {stops[0]} of 10" in output
 
 
 # ---------------------------------------------------------------------------------- sweep

@@ -97,11 +97,11 @@ def _assert_same_results(workdir: pathlib.Path, expected: pathlib.Path, *,
             (expected / "analysis" / "metrics.json").read_bytes())
 
 
-def _wait_for_step(proc, directory: pathlib.Path, timeout: float = 300) -> int:
-  """Polls until `directory` holds a complete step; fails if the process ends first."""
+def _wait_for_step(proc, directory: pathlib.Path, timeout: float = 300, after: int = 0) -> int:
+  """Polls until `directory` holds a complete step > `after`; fails if the process ends first."""
   deadline = time.monotonic() + timeout
   while time.monotonic() < deadline:
-    if steps := _steps(directory):
+    if (steps := _steps(directory)) and steps[-1] > after:
       return steps[-1]
     assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before a checkpoint"
     time.sleep(0.02)
@@ -265,33 +265,21 @@ def test_a_second_run_in_a_busy_workdir_is_refused_and_writes_nothing(stages, sh
 # ---------------------------------------------------------------- runs stopped and resumed
 
 
-def test_kill_9_mid_students_stage_then_rerun_equals_an_uninterrupted_run(shared, reference,
-                                                                          tmp_path):
-  """SIGKILL once the students stage has a checkpoint: the rerun of the same command resumes
-  from that step (not from scratch; the dead run's lock is gone) and ends bitwise equal."""
+def test_sigterm_then_kill_9_mid_students_stage_then_rerun_equals_an_uninterrupted_run(
+    shared, reference, tmp_path):
+  """One study interrupted twice in its students stage, each time once a new checkpoint is
+  there. SIGTERM saves the current step (also off the 5-step interval) and exits 143 with one
+  line; the same command resumes from that step; SIGKILL then loses the steps since the last
+  checkpoint and leaves no lock behind; the third run resumes from that checkpoint and ends
+  bitwise where the uninterrupted reference ends (final states, metrics.json byte for byte).
+  The first run starts fresh and its teacher stage is kept, so this also checks that two fresh
+  runs give the same bits (determinism)."""
   workdir, env = tmp_path / "run", _env(shared)
-  proc = _cli.start(STUDY, workdir, env, tmp_path / "logs")
-  _wait_for_step(proc, _checkpoints(workdir))
-  assert (workdir / ".kdjax.lock").read_text().split() == [str(proc.pid), socket.gethostname()]
-  proc.send_signal(signal.SIGKILL)
-  assert proc.wait() == -signal.SIGKILL
-  killed_at = _steps(_checkpoints(workdir))[-1]
-  assert killed_at < STUDENT_STEPS, "the run finished before it was killed; nothing was tested"
-
-  rerun = _cli.main(STUDY, workdir, env)
-  assert rerun.returncode == 0, rerun.stderr[-3000:]
-  assert f"students: resuming from checkpoint step {killed_at} of {STUDENT_STEPS}" in rerun.stderr
-  _assert_same_results(workdir, reference, metrics=True)
-
-
-def test_sigterm_saves_the_current_step_exits_143_and_the_rerun_resumes(shared, reference,
-                                                                        tmp_path):
-  workdir, env = tmp_path / "run", _env(shared)
-  proc = _cli.start(TRAIN_ONLY, workdir, env, tmp_path / "logs")
+  proc = _cli.start(STUDY, workdir, env, tmp_path / "term")
   _wait_for_step(proc, _checkpoints(workdir))
   proc.send_signal(signal.SIGTERM)
   assert proc.wait(timeout=300) == 143
-  stderr = (tmp_path / "logs" / "stderr.txt").read_text()
+  stderr = (tmp_path / "term" / "stderr.txt").read_text()
   match = re.search(rf"^kdjax: stopped by SIGTERM at step (\d+) of {STUDENT_STEPS} of the "
                     r"students stage; checkpoint saved; rerun the same command to resume$",
                     stderr, re.MULTILINE)
@@ -300,19 +288,20 @@ def test_sigterm_saves_the_current_step_exits_143_and_the_rerun_resumes(shared, 
   assert 5 <= stopped_at < STUDENT_STEPS
   assert _steps(_checkpoints(workdir))[-1] == stopped_at  # saved off the 5-step interval too
 
-  rerun = _cli.main(TRAIN_ONLY, workdir, env)
+  proc = _cli.start(STUDY, workdir, env, tmp_path / "kill")
+  _wait_for_step(proc, _checkpoints(workdir), after=stopped_at)
+  assert (workdir / ".kdjax.lock").read_text().split() == [str(proc.pid), socket.gethostname()]
+  proc.send_signal(signal.SIGKILL)
+  assert proc.wait() == -signal.SIGKILL
+  assert (f"students: resuming from checkpoint step {stopped_at} of {STUDENT_STEPS}" in
+          (tmp_path / "kill" / "stderr.txt").read_text())
+  killed_at = _steps(_checkpoints(workdir))[-1]
+  assert stopped_at < killed_at < STUDENT_STEPS, "the run finished before it was killed"
+
+  rerun = _cli.main(STUDY, workdir, env)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
-  assert f"resuming from checkpoint step {stopped_at} of {STUDENT_STEPS}" in rerun.stderr
-  _assert_same_results(workdir, reference, metrics=False)
-
-
-def test_two_fresh_runs_write_identical_metrics(shared, reference, tmp_path):
-  """Determinism: a second fresh run writes the reference run's metrics.json byte for byte and
-  its final states bit for bit. (It reuses the reference's compiled programs from the cache; the
-  kill/SIGTERM runs, also bitwise equal, start from the same cache.)"""
-  proc = _cli.main(STUDY, tmp_path / "run", _env(shared))
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  _assert_same_results(tmp_path / "run", reference, metrics=True)
+  assert f"students: resuming from checkpoint step {killed_at} of {STUDENT_STEPS}" in rerun.stderr
+  _assert_same_results(workdir, reference, metrics=True)
 
 
 # ---------------------------------------------------------------- damaged checkpoints

@@ -4,7 +4,7 @@
   kdjax.analysis.run(DIR)                      # the same from Python
 
 reads only WORKDIR/config.json and the teacher/student Orbax checkpoints (so it also runs on a
-workdir copied from elsewhere) and writes WORKDIR/analysis/:
+workdir copied from elsewhere, or in place on gs://) and writes WORKDIR/analysis/:
 
   predictions.npz  labels [N]; teacher_logits [T, N, C]; student_logits [R, N, C]; replica_arm,
                    replica_seed, replica_teacher (the teacher it is compared with),
@@ -25,10 +25,16 @@ streamed over padded eval batches); per arm, kdjax.stats summaries; the referenc
 every other arm, two-sided Mann-Whitney U per metric with Holm correction across the metrics of
 each comparison (arXiv 2510.12615; see kdjax.analysis.statistics). Re-running writes the same
 metrics.json and report.md byte for byte and the same predictions.npz arrays.
+
+The devices: the mesh a study trained with describes the training hosts (config.json leaves it
+out); the analysis lays the models out on the devices of the host it runs on
+(`fit_to_devices`), whatever their number. For an object-store workdir the outputs are written
+into a local directory and copied to WORKDIR/analysis/ at the end (kdjax.workdir.staged_dir).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -37,7 +43,9 @@ import time
 import jax
 import numpy as np
 
+from kdjax import distributed
 from kdjax import stats
+from kdjax import workdir as workdir_lib
 from kdjax.analysis import plots as plots_lib
 from kdjax.analysis import predictions as predictions_lib
 from kdjax.analysis import report as report_lib
@@ -157,6 +165,24 @@ def strict_json(value):
   return value
 
 
+def fit_to_devices(study, num_devices: int | None = None):
+  """`study` laid out on `num_devices` devices (default: all of this host's): the mesh
+  (replica, data) with the largest replica axis that divides every group's replica count
+  (`kdjax.distributed.fitting_meshes`; data takes the remaining devices and splits each eval
+  batch), and `eval_batch_size` rounded up to a multiple of data. Both are run keys: they
+  change how the predictions are computed, not the study. Returns a new Study whose config
+  carries the mesh."""
+  num_devices = jax.device_count() if num_devices is None else int(num_devices)
+  sizes = [len(g.replicas) for stage in (study.teacher, study.students) for g in stage.groups]
+  replica, data = distributed.fitting_meshes(sizes, num_devices)[0]
+  config = study.config.copy_and_resolve_references()
+  with config.unlocked():
+    config.mesh = {"replica": replica, "data": data}
+    batch = int(config.eval_batch_size)
+    config.eval_batch_size = -(-batch // data) * data
+  return dataclasses.replace(study, config=config, mesh=(replica, data))
+
+
 def run(workdir: str, *, command: str | None = None) -> dict | None:
   """Runs the analysis of the study in `workdir` (see the module docstring); returns the
   metrics.json content. `command` is recorded in the report. In a multi-process (multi-host)
@@ -167,7 +193,17 @@ def run(workdir: str, *, command: str | None = None) -> dict | None:
           "--config.stages=analysis", flush=True)
     return None
   start = time.perf_counter()
-  study = predictions_lib.load_study(workdir)
+  # Resolved for one device (a study trained on a pod need not divide over this host), then
+  # laid out on the devices here.
+  study = predictions_lib.load_study(workdir, num_devices=1)
+  if jax.device_count() > 1:
+    study = fit_to_devices(study)
+    replica, data = study.mesh
+    groups = sorted({len(g.replicas) for s in (study.teacher, study.students) for g in s.groups})
+    print(f"[analysis] mesh replica={replica} x data={data} on {jax.device_count()} "
+          f"{jax.default_backend()} devices (the largest replica axis dividing every group's "
+          f"replica count: {', '.join(map(str, groups))}; eval batch "
+          f"{study.config.eval_batch_size})", flush=True)
   preds = predictions_lib.collect(study, workdir)
   student_reasons = divergence_reasons(preds.student_logits, preds.student_metadata)
   teacher_reasons = divergence_reasons(preds.teacher_logits, preds.teacher_metadata)
@@ -182,34 +218,35 @@ def run(workdir: str, *, command: str | None = None) -> dict | None:
   results = build_results(study, preds, student_diverged, teacher_diverged, groups, tests,
                           summaries)
 
-  out_dir = os.path.join(workdir, "analysis")
-  plot_dir = os.path.join(out_dir, "plots")
-  os.makedirs(plot_dir, exist_ok=True)
-  predictions_lib.save_npz(os.path.join(out_dir, "predictions.npz"), study, preds)
+  out_dir = workdir_lib.join(workdir, "analysis")
+  with workdir_lib.staged_dir(out_dir) as local_dir:  # out_dir itself when it is local
+    plot_dir = os.path.join(local_dir, "plots")
+    os.makedirs(plot_dir, exist_ok=True)
+    predictions_lib.save_npz(os.path.join(local_dir, "predictions.npz"), study, preds)
 
-  plots_lib.confidence_scatter(os.path.join(plot_dir, "confidence_scatter.png"), groups,
-                               preds.labels, preds.teacher_logits, preds.student_logits,
-                               preds.compared_teacher)
-  pair_means = results.get("teacher_agreement", {}).get("mean")
-  plots_lib.agreement_split(os.path.join(plot_dir, "agreement_split.png"), groups,
-                            preds.student_metrics, summaries, pair_means)
-  plots_lib.metric_strips(os.path.join(plot_dir, "metrics.png"), groups, preds.student_metrics,
-                          METRICS)
-  context = sections_lib.Context(
-      workdir=workdir, study=study, preds=preds, groups=groups, student_diverged=student_diverged,
-      teacher_diverged=teacher_diverged, plot_dir=plot_dir)
-  extra = {name: sections_lib.get(name)(context) for name in study.analyses}
-  if extra:
-    results["analyses"] = {name: section.results for name, section in extra.items()}
-  with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-    json.dump(strict_json(results), f, indent=1, allow_nan=False)
-    f.write("\n")
-  text = report_lib.render(command=command, study=study, results=results, groups=groups,
-                           metric_names=METRICS, exclusions=excluded_lines,
-                           num_excluded=len(excluded), num_predictions=int(preds.labels.size))
-  text += "".join("\n\n" + section.markdown.strip() for section in extra.values())
-  with open(os.path.join(out_dir, "report.md"), "w") as f:
-    f.write(text + "\n")
+    plots_lib.confidence_scatter(os.path.join(plot_dir, "confidence_scatter.png"), groups,
+                                 preds.labels, preds.teacher_logits, preds.student_logits,
+                                 preds.compared_teacher)
+    pair_means = results.get("teacher_agreement", {}).get("mean")
+    plots_lib.agreement_split(os.path.join(plot_dir, "agreement_split.png"), groups,
+                              preds.student_metrics, summaries, pair_means)
+    plots_lib.metric_strips(os.path.join(plot_dir, "metrics.png"), groups, preds.student_metrics,
+                            METRICS)
+    context = sections_lib.Context(
+        workdir=workdir, study=study, preds=preds, groups=groups,
+        student_diverged=student_diverged, teacher_diverged=teacher_diverged, plot_dir=plot_dir)
+    extra = {name: sections_lib.get(name)(context) for name in study.analyses}
+    if extra:
+      results["analyses"] = {name: section.results for name, section in extra.items()}
+    with open(os.path.join(local_dir, "metrics.json"), "w") as f:
+      json.dump(strict_json(results), f, indent=1, allow_nan=False)
+      f.write("\n")
+    text = report_lib.render(command=command, study=study, results=results, groups=groups,
+                             metric_names=METRICS, exclusions=excluded_lines,
+                             num_excluded=len(excluded), num_predictions=int(preds.labels.size))
+    text += "".join("\n\n" + section.markdown.strip() for section in extra.values())
+    with open(os.path.join(local_dir, "report.md"), "w") as f:
+      f.write(text + "\n")
   print(f"[analysis] {len(replicas)} students ({len(excluded)} excluded), "
         f"{len(study.teacher.replicas)} teacher(s), {study.num_eval} eval examples: wrote "
         f"{out_dir}/ in {time.perf_counter() - start:.1f} s", flush=True)

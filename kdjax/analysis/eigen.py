@@ -28,12 +28,14 @@ from __future__ import annotations
 import os
 
 import numpy as np
+from etils import epath
 from matplotlib.figure import Figure
 
 from kdjax import checkpoint as checkpoint_lib
 from kdjax import data as data_lib
 from kdjax import engine as engine_lib
 from kdjax import train
+from kdjax import workdir as workdir_lib
 from kdjax.analysis import plots
 from kdjax.analysis import sections
 from kdjax.data import synthetic
@@ -148,10 +150,11 @@ def trajectory(study, workdir: str, stage: str) -> dict[str, np.ndarray]:
   """Every saved step of a stage: {"steps" [S+1] (0 first: the initial weights, recomputed from
   the replicas' init streams), "kernel" [S+1, R, D, C], "bias" [S+1, R, C] (zeros without a
   bias)}."""
-  directory = os.path.join(train.stage_dir(workdir, stage), "checkpoints")
+  directory = workdir_lib.join(train.stage_dir(workdir, stage), "checkpoints")
   steps = checkpoint_lib.finished_steps(directory)
-  key = (os.path.realpath(directory), tuple(
-      (s, os.stat(os.path.join(directory, str(s))).st_mtime_ns) for s in steps))
+  # epath's stat: also on an object store (gs://), where os.stat cannot look.
+  key = (workdir_lib.absolute(directory), tuple(
+      (s, epath.Path(workdir_lib.join(directory, str(s))).stat().mtime) for s in steps))
   if key not in _CACHE:
     if len(_CACHE) >= 2:
       _CACHE.pop(next(iter(_CACHE)))

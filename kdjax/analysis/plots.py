@@ -14,6 +14,7 @@ plotting never opens a window or touches the caller's matplotlib state.
 
 from __future__ import annotations
 
+import io
 from typing import Sequence
 
 import jax
@@ -21,6 +22,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from kdjax import metrics as metrics_lib
+from kdjax import workdir as workdir_lib
 from kdjax.analysis.statistics import Group, HIGHER_IS_MORE_SIMILAR
 
 # At most this many points per scatter panel (a fixed-seed subsample beyond it).
@@ -34,8 +36,11 @@ def _color(i: int) -> str:
 
 
 def _save(fig: Figure, path: str) -> None:
+  """Writes `fig` as PNG to `path`, a local path or gs:// (through kdjax.workdir)."""
   # No "Software" entry: the PNG bytes do not depend on the matplotlib version string.
-  fig.savefig(path, dpi=_DPI, metadata={"Software": None})
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=_DPI, metadata={"Software": None})
+  workdir_lib.write_bytes(path, buffer.getvalue())
 
 
 def _grid(num: int, max_cols: int) -> tuple[int, int]:

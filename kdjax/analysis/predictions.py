@@ -19,10 +19,9 @@ metric averages over all N * L positions.
 from __future__ import annotations
 
 import dataclasses
+import io
 import itertools
-import json
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +33,7 @@ from kdjax import engine as engine_lib
 from kdjax import metrics as metrics_lib
 from kdjax import study as study_lib
 from kdjax import train
+from kdjax import workdir as workdir_lib
 
 # The ten DESIGN.md metrics, in the order SimilarityMetrics defines them.
 METRICS = tuple(metrics_lib.SimilarityMetrics.__annotations__)
@@ -53,15 +53,15 @@ class Predictions:
   student_metadata: dict
 
 
-def load_study(workdir: str) -> study_lib.Study:
-  """The study recorded in WORKDIR/config.json (never the live command line's config)."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+def load_study(workdir: str, num_devices: int | None = None) -> study_lib.Study:
+  """The study recorded in WORKDIR/config.json (never the live command line's config);
+  `num_devices` as in `kdjax.study.resolve`."""
+  path = workdir_lib.join(workdir, "config.json")
+  if not workdir_lib.exists(path):
     raise FileNotFoundError(f"{path} does not exist: the analysis needs a workdir written by "
                             "`python -m kdjax.main` (its config.json and checkpoints)")
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  return study_lib.resolve(config)
+  config = ml_collections.ConfigDict(workdir_lib.read_json(path))
+  return study_lib.resolve(config, num_devices=num_devices)
 
 
 def compared_teachers(replicas, num_teachers: int) -> np.ndarray:
@@ -142,11 +142,10 @@ def compute_each(states) -> list[dict[str, float]]:
 def _stage_metadata(workdir: str, stage: str) -> dict:
   """The replicas metadata saved with the stage's checkpoints (WORKDIR/<stage>/replicas.json,
   written beside every checkpoint save)."""
-  path = os.path.join(train.stage_dir(workdir, stage), "replicas.json")
-  if not os.path.exists(path):
+  path = workdir_lib.join(train.stage_dir(workdir, stage), "replicas.json")
+  if not workdir_lib.exists(path):
     return {}
-  with open(path) as f:
-    return json.load(f)
+  return workdir_lib.read_json(path)
 
 
 def _check_metadata(metadata: dict, replicas, stage: str) -> None:
@@ -226,7 +225,7 @@ def stage_logits(stage_engines, variables: dict, x) -> jax.Array:
 
 
 def save_npz(path: str, study: study_lib.Study, preds: Predictions) -> None:
-  """WORKDIR/analysis/predictions.npz with exactly the DESIGN.md keys."""
+  """WORKDIR/analysis/predictions.npz with exactly the DESIGN.md keys (a local path or gs://)."""
   replicas = study.students.replicas
   arrays = {
       "labels": preds.labels,
@@ -240,4 +239,6 @@ def save_npz(path: str, study: study_lib.Study, preds: Predictions) -> None:
       "replica_model": np.array([r.model for r in replicas], dtype=str),
       "teacher_model": np.array([t.model for t in study.teacher.replicas], dtype=str),
   }
-  np.savez(path, **arrays)
+  buffer = io.BytesIO()  # numpy writes zip archives to local files or file objects only
+  np.savez(buffer, **arrays)
+  workdir_lib.write_bytes(path, buffer.getvalue())
