@@ -36,7 +36,9 @@ setup(
     ],
     extras_require={
         # The GCS emulator and gcsfs: tests/test_object_store.py runs a study on a gs:// workdir.
+        # statsmodels: the reference implementation tests/test_stats.py checks Holm against
+        # (reference libraries a test needs belong here, so that no test skips on a clean clone).
         "test": ["pytest>=8.0", "pytest-xdist>=3.6", "gcp-storage-emulator>=2026.7",
-                 "gcsfs>=2026.10"],
+                 "gcsfs>=2026.10", "statsmodels>=0.14"],
     },
 )
