@@ -6,7 +6,8 @@ and two arms are compared per metric with a two-sided Mann-Whitney U test at 0.0
 metrics are tested at once, kdjax also reports Holm-adjusted p-values (Holm 1979).
 
 Researchers publish these numbers, so the tests and intervals are scipy's own
-(`scipy.stats.mannwhitneyu`, `scipy.stats.bootstrap`) and this module only fixes the choices,
+(`scipy.stats.mannwhitneyu`, `scipy.stats.bootstrap`) and this module only fixes the choices
+(an exact or permutation p-value wherever samples are small or tied, see `mann_whitney_u`),
 validates the input and handles the degenerate cases that replicate studies actually hit
 (identical metrics across seeds, a single surviving seed). This is host-side numpy/scipy code:
 it runs once per analysis on a few numbers per arm, so there is nothing to gain from JAX.
@@ -14,6 +15,7 @@ it runs once per analysis on a few numbers per arm, so there is nothing to gain 
 
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -24,12 +26,25 @@ from kdjax._checks import check_choice, check_int, check_range
 ALTERNATIVES = ("two-sided", "less", "greater")
 DEFAULT_NUM_RESAMPLES = 10_000
 
+# How `mann_whitney_u` computes a p-value (see its docstring for when each is used).
+P_VALUE_METHODS = ("exact", "permutation", "monte_carlo", "asymptotic")
+# Tied samples with at most this many splits C(n1 + n2, n1) get the exact permutation p-value
+# (every split enumerated; 9 vs 9 seeds = 48,620 splits, about 0.4 s).
+EXACT_PERMUTATION_LIMIT = 50_000
+# Tied samples with more splits but at most this many values on the smaller side get a
+# Monte Carlo permutation p-value; beyond it the normal approximation is accurate.
+SMALL_SAMPLE = 8
+MONTE_CARLO_RESAMPLES = 9_999
+MONTE_CARLO_SEED = 0
+
 
 class MannWhitneyResult(NamedTuple):
-  """Result of `mann_whitney_u`: U of the first sample, p-value, rank-biserial correlation."""
+  """Result of `mann_whitney_u`: U of the first sample, p-value, rank-biserial correlation, and
+  which of `P_VALUE_METHODS` gave the p-value."""
   statistic: float
   p_value: float
   effect_size: float
+  method: str
 
 
 class ConfidenceInterval(NamedTuple):
@@ -58,17 +73,35 @@ def _as_sample(name: str, values, *, min_size: int, allow_inf: bool) -> np.ndarr
 def mann_whitney_u(x, y, *, alternative: str = "two-sided") -> MannWhitneyResult:
   """Mann-Whitney U test of x against y, with the rank-biserial correlation as effect size.
 
-  The test of the arm comparison in Mason-Williams et al. (arXiv 2510.12615), computed by
-  `scipy.stats.mannwhitneyu(x, y, alternative=alternative, use_continuity=True,
-  method="auto")`, so `statistic` and `p_value` are exactly scipy's:
+  The test of the arm comparison in Mason-Williams et al. (arXiv 2510.12615). The statistic is
 
     U1 = R1 - n1 (n1 + 1) / 2 = #{(i, j): x_i > y_j} + 0.5 #{(i, j): x_i = y_j},
 
-  with R1 the sum of the (average, for ties) ranks of x in the pooled sample. scipy's "auto"
-  uses the exact null distribution of U when min(n1, n2) <= 8 and there are no ties, and
-  otherwise the normal approximation with the tie-corrected variance
-  sigma^2 = n1 n2 / 12 * ((n + 1) - sum_k (t_k^3 - t_k) / (n (n - 1))) and a 0.5 continuity
-  correction. "greater" tests whether x tends to be larger than y, "less" smaller.
+  with R1 the sum of the (average, for ties) ranks of x in the pooled sample, as
+  `scipy.stats.mannwhitneyu` computes it. The p-value is that of the permutation null
+  hypothesis: under H0 every one of the C(n1 + n2, n1) ways to split the pooled values into
+  samples of sizes n1 and n2 is equally likely, and p is the fraction of splits whose U1 is at
+  least as extreme as the observed one ("greater": U1 >= observed, "less": U1 <= observed,
+  "two-sided": min(1, 2 min(p_greater, p_less)), scipy's convention). `method` says how it was
+  computed, chosen by the data (all by scipy):
+
+    "exact"        no tied values: the exact null distribution of U
+                   (`mannwhitneyu(method="exact")`), any sample size;
+    "permutation"  tied values and at most EXACT_PERMUTATION_LIMIT (50,000) splits: every split
+                   enumerated (`method=PermutationMethod(n_resamples=inf)`), exact with ties;
+    "monte_carlo"  tied values, more splits, and at most SMALL_SAMPLE (8) values on the smaller
+                   side: MONTE_CARLO_RESAMPLES (9,999) random splits from a fixed seed
+                   (`PermutationMethod`, whose p-value counts the observed split, so p >=
+                   1 / 10,000); reproducible, not exact;
+    "asymptotic"   tied values and more than 8 values on each side with more than 50,000
+                   splits: the normal approximation with the tie-corrected variance
+                   sigma^2 = n1 n2 / 12 * ((n + 1) - sum_k (t_k^3 - t_k) / (n (n - 1))) and a 0.5
+                   continuity correction.
+
+  Why not scipy's default ("auto"): it uses the normal approximation whenever a value is tied,
+  however small the samples. Replicate studies tie often (accuracy and agreement on a few
+  hundred eval points take few distinct values), and at 3 vs 3 seeds the approximation can give
+  p = 0.047 where the smallest p-value a two-sided permutation test can attain is 2 / 20 = 0.1.
 
   effect_size is the rank-biserial correlation by Kerby's simple difference formula
   (Kerby 2014, "The simple difference formula", Comprehensive Psychology 3:11.IT.3.1):
@@ -78,10 +111,8 @@ def mann_whitney_u(x, y, *, alternative: str = "two-sided") -> MannWhitneyResult
   over all n1 n2 pairs (ties count for neither side); r > 0 when x tends to be larger than y,
   r = 1 when every x exceeds every y, and r = -1 when every x is below every y.
 
-  No variation (every value of x and y identical): there is no evidence of a difference, so the
-  result is U1 = n1 n2 / 2, p_value = 1.0 and effect_size = 0.0 for every alternative. scipy
-  1.17 also returns p = 1 there (its z is -0.5/0 = -inf); kdjax fixes the answer itself so it
-  does not hang on scipy's 0/0 handling.
+  No variation (every value of x and y identical): every split has the same U, so the result is
+  U1 = n1 n2 / 2, p_value = 1.0, effect_size = 0.0 and method "exact" for every alternative.
 
   Args:
     x: 1-D sample of the first arm (one value per replica), at least 2 values, no NaN (+-inf
@@ -90,7 +121,7 @@ def mann_whitney_u(x, y, *, alternative: str = "two-sided") -> MannWhitneyResult
     alternative: "two-sided", "less" or "greater".
 
   Returns:
-    MannWhitneyResult(statistic=U1, p_value, effect_size) as Python floats.
+    MannWhitneyResult(statistic=U1, p_value, effect_size, method): Python floats and a str.
 
   Raises:
     ValueError: a sample has fewer than 2 values, is not 1-D or contains NaN; or an unknown
@@ -102,12 +133,36 @@ def mann_whitney_u(x, y, *, alternative: str = "two-sided") -> MannWhitneyResult
   y = _as_sample("y", y, min_size=2, allow_inf=True)
   n1, n2 = x.size, y.size
   if np.all(x == x[0]) and np.all(y == x[0]):
-    return MannWhitneyResult(statistic=n1 * n2 / 2, p_value=1.0, effect_size=0.0)
+    return MannWhitneyResult(statistic=n1 * n2 / 2, p_value=1.0, effect_size=0.0,
+                             method="exact")
+  method = p_value_method(x, y)
+  if method == "exact":
+    scipy_method = "exact"
+  elif method == "permutation":
+    scipy_method = scipy.stats.PermutationMethod(n_resamples=np.inf)
+  elif method == "monte_carlo":
+    scipy_method = scipy.stats.PermutationMethod(
+        n_resamples=MONTE_CARLO_RESAMPLES, rng=np.random.default_rng(MONTE_CARLO_SEED))
+  else:
+    scipy_method = "asymptotic"
   res = scipy.stats.mannwhitneyu(x, y, use_continuity=True, alternative=alternative,
-                                 method="auto")
+                                 method=scipy_method)
   u1 = float(res.statistic)
-  return MannWhitneyResult(statistic=u1, p_value=float(res.pvalue),
-                           effect_size=2.0 * u1 / (n1 * n2) - 1.0)
+  return MannWhitneyResult(statistic=u1, p_value=min(1.0, float(res.pvalue)),
+                           effect_size=2.0 * u1 / (n1 * n2) - 1.0, method=method)
+
+
+def p_value_method(x, y) -> str:
+  """Which of P_VALUE_METHODS `mann_whitney_u` uses for samples x and y (its docstring)."""
+  x, y = np.asarray(x, np.float64).reshape(-1), np.asarray(y, np.float64).reshape(-1)
+  pooled = np.concatenate([x, y])
+  if np.unique(pooled).size == pooled.size:
+    return "exact"
+  if math.comb(pooled.size, x.size) <= EXACT_PERMUTATION_LIMIT:
+    return "permutation"
+  if min(x.size, y.size) <= SMALL_SAMPLE:
+    return "monte_carlo"
+  return "asymptotic"
 
 
 def bootstrap_ci(x, *, statistic: Callable[..., np.ndarray] = np.mean, confidence: float = 0.95,
@@ -173,7 +228,9 @@ def holm(p_values) -> np.ndarray:
   could not be run) stay NaN and do not count in m: they are not part of the family.
 
   scipy has no Holm adjustment (`scipy.stats.false_discovery_control` is Benjamini-Hochberg)
-  and statsmodels is not a kdjax dependency, hence this short implementation.
+  and statsmodels is not a runtime dependency of kdjax (only of its tests, which check this
+  function against `statsmodels.stats.multitest.multipletests(method="holm")`), hence this
+  short implementation.
 
   Args:
     p_values: array-like of p-values in [0, 1] or NaN, any shape.

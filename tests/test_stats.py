@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import itertools
 import json
 import math
@@ -24,24 +23,6 @@ def _pairwise_u1(x, y) -> float:
   """U1 = #{x_i > y_j} + 0.5 #{x_i = y_j} by brute force over all pairs."""
   d = np.asarray(x, float)[:, None] - np.asarray(y, float)[None, :]
   return float(np.sum(d > 0) + 0.5 * np.sum(d == 0))
-
-
-@functools.lru_cache(maxsize=None)
-def _null_u(n1: int, n2: int) -> np.ndarray:
-  """U1 under every one of the C(n1+n2, n1) equally likely rank assignments (no ties)."""
-  return np.array([sum(c) - n1 * (n1 + 1) / 2
-                   for c in itertools.combinations(range(1, n1 + n2 + 1), n1)])
-
-
-def _exact_p(u1: float, n1: int, n2: int, alternative: str) -> float:
-  """Exact p-value of U1 from the enumerated null distribution."""
-  us = _null_u(n1, n2)
-  p_ge, p_le = np.mean(us >= u1 - 1e-9), np.mean(us <= u1 + 1e-9)
-  if alternative == "greater":
-    return float(p_ge)
-  if alternative == "less":
-    return float(p_le)
-  return float(min(1.0, 2 * min(p_ge, p_le)))
 
 
 def _normal_p(x, y, alternative: str) -> float:
@@ -90,30 +71,118 @@ def _samples(rng, n1, n2, ties):
   return rng.normal(size=n1), rng.normal(0.7, 1.0, size=n2)
 
 
-@pytest.mark.parametrize("n1,n2,ties", [(3, 4, False), (5, 8, False), (8, 12, False),
-                                        (4, 6, True), (10, 12, False), (15, 20, True),
-                                        (30, 25, False)])
-def test_mann_whitney_matches_scipy_and_independent_reference(n1, n2, ties):
+def _null_u_counts(n1: int, n2: int) -> np.ndarray:
+  """Without ties: counts[u] = how many of the C(n1+n2, n1) rank sets of x give U1 = u, by
+  dynamic programming over the ranks 1..n (counts[k][s] = subsets of size k with rank sum s):
+  the exact null distribution at sizes too large to enumerate."""
+  n = n1 + n2
+  max_sum = sum(range(n - n1 + 1, n + 1))
+  counts = np.zeros((n1 + 1, max_sum + 1), dtype=object)  # Python ints: no overflow
+  counts[0, 0] = 1
+  for rank in range(1, n + 1):
+    for k in range(min(rank, n1), 0, -1):
+      counts[k, rank:] = counts[k, rank:] + counts[k - 1, :max_sum + 1 - rank]
+  offset = n1 * (n1 + 1) // 2
+  return np.array(counts[n1, offset:offset + n1 * n2 + 1], dtype=float)
+
+
+def _exact_p_dp(u1: float, n1: int, n2: int, alternative: str) -> float:
+  """Exact p-value of U1 without ties from `_null_u_counts`."""
+  counts = _null_u_counts(n1, n2)
+  us = np.arange(counts.size)
+  total = counts.sum()
+  p_ge = counts[us >= u1 - 1e-9].sum() / total
+  p_le = counts[us <= u1 + 1e-9].sum() / total
+  return {"greater": p_ge, "less": p_le}.get(alternative, min(1.0, 2 * min(p_ge, p_le)))
+
+
+def _all_splits_u(x, y) -> tuple[float, np.ndarray]:
+  """(observed U1, U1 of every split of the pooled values into sizes n1, n2): brute force over
+  all C(n1+n2, n1) label permutations, ties and all, U1 by counting pairs."""
+  pooled = np.concatenate([np.asarray(x, float), np.asarray(y, float)])
+  n, n1 = pooled.size, len(x)
+  greater = (pooled[:, None] > pooled[None, :]).astype(float) + \
+      0.5 * (pooled[:, None] == pooled[None, :])
+  np.fill_diagonal(greater, 0.0)
+  us = []
+  for chosen in itertools.combinations(range(n), n1):
+    mask = np.zeros(n, bool)
+    mask[list(chosen)] = True
+    us.append(greater[mask][:, ~mask].sum())
+  return _pairwise_u1(x, y), np.array(us)
+
+
+def _permutation_p(x, y, alternative: str) -> float:
+  """The permutation p-value by enumerating every split (scipy's two-sided convention:
+  min(1, 2 min(P(U >= u), P(U <= u))))."""
+  u1, us = _all_splits_u(x, y)
+  p_ge, p_le = np.mean(us >= u1 - 1e-9), np.mean(us <= u1 + 1e-9)
+  return {"greater": p_ge, "less": p_le}.get(alternative, min(1.0, 2 * min(p_ge, p_le)))
+
+
+@pytest.mark.parametrize("n1,n2,ties,method", [
+    (3, 3, False, "exact"), (3, 4, False, "exact"), (5, 8, False, "exact"),
+    (8, 12, False, "exact"), (10, 12, False, "exact"), (30, 25, False, "exact"),
+    (3, 3, True, "permutation"), (4, 6, True, "permutation"), (8, 8, True, "permutation"),
+    (15, 20, True, "asymptotic")])
+def test_mann_whitney_against_enumeration_and_closed_forms(n1, n2, ties, method):
+  """p-values against the null distribution itself: enumeration of all label permutations of
+  the pooled values (tied samples), the exact U distribution by dynamic programming (untied),
+  or the textbook tie-corrected normal approximation (large tied samples)."""
   rng = np.random.default_rng(n1 * 100 + n2)
   for trial in range(3):
     x, y = _samples(rng, n1, n2, ties)
     assert ties == (np.unique(np.concatenate([x, y])).size < n1 + n2)
     for alternative in ALTERNATIVES:
       res = stats.mann_whitney_u(x, y, alternative=alternative)
-      ref = scipy.stats.mannwhitneyu(x, y, alternative=alternative)
       assert isinstance(res, stats.MannWhitneyResult)
-      assert res.statistic == ref.statistic
-      assert res.p_value == pytest.approx(float(ref.pvalue), rel=1e-12, abs=1e-15)
+      assert res.method == method and method in stats.P_VALUE_METHODS
       assert res.statistic == _pairwise_u1(x, y)
-      # scipy's "auto": exact for min(n) <= 8 without ties, else normal approximation.
-      if min(n1, n2) <= 8 and not ties:
-        expected = _exact_p(res.statistic, n1, n2, alternative)
+      if method == "exact":
+        expected = _exact_p_dp(res.statistic, n1, n2, alternative)
+        if math.comb(n1 + n2, n1) <= 20_000:  # and by plain enumeration where it is cheap
+          assert expected == pytest.approx(_permutation_p(x, y, alternative), rel=1e-12)
+      elif method == "permutation":
+        expected = _permutation_p(x, y, alternative)
       else:
         expected = _normal_p(x, y, alternative)
       assert res.p_value == pytest.approx(expected, rel=1e-9, abs=1e-12), (trial, alternative)
       # Kerby's r = P(x > y) - P(x < y) over all pairs, ties count 0.
       r = np.mean(np.sign(x[:, None] - y[None, :]))
       assert res.effect_size == pytest.approx(r, abs=1e-12)
+
+
+def test_mann_whitney_three_seeds_with_ties_cannot_go_below_the_permutation_floor():
+  """3 vs 3 seeds (configs/capacity_mismatch.py's paper size) with a tie: the normal
+  approximation (scipy's default whenever values tie) gives p = 0.072 here, but no two-sided
+  permutation test on 3 vs 3 can give less than 2 / C(6, 3) = 0.1, which complete separation
+  attains."""
+  x, y = [0.93, 0.95, 0.95], [0.88, 0.88, 0.90]
+  assert scipy.stats.mannwhitneyu(x, y).pvalue < 0.1  # what kdjax reported before
+  res = stats.mann_whitney_u(x, y)
+  assert res.method == "permutation"
+  assert res.p_value == pytest.approx(_permutation_p(x, y, "two-sided"), rel=1e-12)
+  assert res.p_value == pytest.approx(2 / math.comb(6, 3), rel=1e-12)
+  rng = np.random.default_rng(3)
+  for _ in range(20):  # any 3 vs 3 with ties
+    x, y = rng.integers(0, 3, 3).astype(float), rng.integers(0, 3, 3).astype(float)
+    if np.ptp(np.concatenate([x, y])) > 0:
+      assert stats.mann_whitney_u(x, y).p_value >= 0.1 - 1e-12
+
+
+def test_mann_whitney_monte_carlo_for_large_tied_unbalanced_samples():
+  """3 vs 70 tied values (62,196 splits, above the enumeration limit): a seeded Monte Carlo
+  permutation p-value, reproducible, and within 4 standard errors of the exact one (all splits
+  enumerated here)."""
+  rng = np.random.default_rng(11)
+  x, y = rng.integers(2, 6, 3).astype(float), rng.integers(0, 5, 70).astype(float)
+  assert math.comb(73, 3) > stats.EXACT_PERMUTATION_LIMIT
+  res = stats.mann_whitney_u(x, y, alternative="greater")
+  assert res.method == "monte_carlo"
+  assert res == stats.mann_whitney_u(x, y, alternative="greater")  # seeded
+  exact = _permutation_p(x, y, "greater")
+  se = math.sqrt(exact * (1 - exact) / stats.MONTE_CARLO_RESAMPLES)
+  assert abs(res.p_value - exact) <= 4 * se + 1 / stats.MONTE_CARLO_RESAMPLES
 
 
 def test_mann_whitney_effect_sign_and_one_sided_direction():
@@ -133,14 +202,15 @@ def test_mann_whitney_no_variation_is_no_difference():
       with warnings.catch_warnings():
         warnings.simplefilter("error")
         res = stats.mann_whitney_u(np.full(n1, 0.25), [0.25] * n2, alternative=alternative)
-      assert res == (n1 * n2 / 2, 1.0, 0.0)
+      assert res == (n1 * n2 / 2, 1.0, 0.0, "exact")
 
 
 def test_mann_whitney_allows_inf_and_sequences():
   x, y = [1.0, np.inf, 3.0], [-np.inf, 0.5, 2.0, 2.5]
   res = stats.mann_whitney_u(x, y)
   assert res.statistic == _pairwise_u1(x, y) == 10.0
-  assert res.p_value == pytest.approx(float(scipy.stats.mannwhitneyu(x, y).pvalue))
+  assert res.method == "exact"
+  assert res.p_value == pytest.approx(_permutation_p(x, y, "two-sided"))
 
 
 @pytest.mark.parametrize("x,y,match", [
@@ -328,3 +398,21 @@ def test_summarize_invalid():
     stats.summarize([0.1, np.nan, 0.3])
   with pytest.raises(ValueError, match=r"confidence"):
     stats.summarize([0.1, 0.3], confidence=1.2)
+
+
+def test_analysis_records_the_p_value_method_of_every_test():
+  """metrics.json's tests carry `p_method`; tied 3 vs 3 seeds get the permutation p-value."""
+  from kdjax.analysis import statistics  # pylint: disable=g-import-not-at-top
+  groups = [statistics.Group("kd", "kd", (), (0, 1, 2), (0, 1, 2)),
+            statistics.Group("rcd", "rcd", (), (3, 4, 5), (3, 4, 5))]
+  accuracy = [0.93, 0.95, 0.95, 0.88, 0.88, 0.90]
+  js = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+  replica_metrics = [{"accuracy": a, "js_divergence": j} for a, j in zip(accuracy, js)]
+  records = statistics.run_tests(groups, replica_metrics, ["accuracy", "js_divergence"])
+  by_metric = {r["metric"]: r for r in records}
+  assert by_metric["accuracy"]["p_method"] == "permutation"
+  assert by_metric["accuracy"]["p_value"] == pytest.approx(
+      _permutation_p(accuracy[:3], accuracy[3:], "two-sided"))
+  assert by_metric["js_divergence"]["p_method"] == "exact"
+  assert by_metric["js_divergence"]["p_value"] == pytest.approx(0.1)
+  assert json.loads(json.dumps(records)) == records

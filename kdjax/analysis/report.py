@@ -140,19 +140,23 @@ def render(*, command: str | None, study, results: dict, groups: Sequence[Group]
             "metric, over the students' values (the protocol of arXiv 2510.12615); r is the "
             "rank-biserial correlation (r > 0: the first arm's values tend to be larger); "
             f"p-values are Holm-corrected across the {len(metric_names)} metrics of each "
-            f"comparison; verdicts at p_holm <= {stats_lib.SIGNIFICANCE}.", ""]
+            f"comparison; verdicts at p_holm <= {stats_lib.SIGNIFICANCE}. The column 'p by' "
+            "says how each p-value was computed: exact (the exact null distribution of U, no "
+            "ties), permutation (every split of the tied values enumerated), monte_carlo "
+            "(9,999 seeded random splits) or asymptotic (normal approximation, large tied "
+            "samples only).", ""]
     pairs = list(dict.fromkeys((t["a"], t["b"]) for t in tests))
     for a, b in pairs:
       block = [t for t in tests if (t["a"], t["b"]) == (a, b)]
       out += [f"### {by_name[a].display} vs {by_name[b].display}", "",
-              "| metric | U | p | p_holm | r | n |", "|---|---|---|---|---|---|"]
+              "| metric | U | p | p_holm | r | n | p by |", "|---|---|---|---|---|---|---|"]
       for t in block:
         star = " *" if stats_lib.is_significant(t) else ""
         u = "n/a" if not math.isfinite(t["statistic"]) else f"{t['statistic']:g}"
         r = "n/a" if not math.isfinite(t["effect_size"]) else f"{t['effect_size']:+.2f}"
         out.append(f"| {t['metric']} | {u} | {stats_lib.format_p(t['p_value'])} | "
                    f"{stats_lib.format_p(t['p_holm'])}{star} | {r} | "
-                   f"{t['n_a']} vs {t['n_b']} |")
+                   f"{t['n_a']} vs {t['n_b']} | {t.get('p_method') or 'n/a'} |")
       out.append("")
       out += [f"- {line}" for line in stats_lib.comparison_verdicts(block, by_name)]
       out.append("")

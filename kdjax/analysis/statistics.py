@@ -4,7 +4,8 @@ The protocol is the one of Mason-Williams et al. (arXiv 2510.12615): every metri
 number per student replica; the replicas of an arm are summarised (mean, sample std, 95%
 percentile-bootstrap CI of the mean, n; `kdjax.stats.summarize`) and the reference arm (kd) is
 compared with every control arm by a two-sided Mann-Whitney U test per metric
-(`kdjax.stats.mann_whitney_u`, rank-biserial effect size). kdjax adds a Holm correction across
+(`kdjax.stats.mann_whitney_u`, rank-biserial effect size; exact or permutation p-values at small
+or tied samples, the method recorded per test). kdjax adds a Holm correction across
 the metrics of each comparison (`kdjax.stats.holm`), since one comparison tests ten metrics.
 
 Groups. An arm with one grid point is one group named by the arm ("kd"). An arm whose replicas
@@ -138,8 +139,10 @@ def summarize_groups(groups: Sequence[Group], replica_metrics: Sequence[dict],
 def run_tests(groups: Sequence[Group], replica_metrics: Sequence[dict],
               metric_names: Sequence[str]) -> list[dict]:
   """Two-sided Mann-Whitney U of reference vs control for every metric, Holm-corrected across
-  the metrics of each comparison. A metric with fewer than 2 values on a side gets null
-  statistic / p-values (not part of the Holm family)."""
+  the metrics of each comparison. `p_method` names how the p-value was computed
+  (`kdjax.stats.P_VALUE_METHODS`: exact, or a permutation p-value when values tie at small n).
+  A metric with fewer than 2 values on a side gets null statistic / p-values / p_method (not
+  part of the Holm family)."""
   records = []
   for a, b in comparisons(groups):
     block = []
@@ -148,11 +151,11 @@ def run_tests(groups: Sequence[Group], replica_metrics: Sequence[dict],
       y = metric_values(replica_metrics, b.included, m)
       record = {"metric": m, "a": a.name, "b": b.name, "statistic": math.nan,
                 "p_value": math.nan, "p_holm": math.nan, "effect_size": math.nan,
-                "n_a": int(x.size), "n_b": int(y.size)}
+                "n_a": int(x.size), "n_b": int(y.size), "p_method": None}
       if x.size >= 2 and y.size >= 2:
         result = stats.mann_whitney_u(x, y, alternative="two-sided")
         record.update(statistic=result.statistic, p_value=result.p_value,
-                      effect_size=result.effect_size)
+                      effect_size=result.effect_size, p_method=result.method)
       block.append(record)
     adjusted = stats.holm([r["p_value"] for r in block])
     for record, p in zip(block, adjusted):
