@@ -76,19 +76,32 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Settings of particular arms (see kdjax/arms.py).
   config.arm_options = ml_collections.ConfigDict({
       "label_smoothing": 0.1,
+      # Loss weights per arm, "ARM=W,...": an arm in both lists is trained with
+      # ce_weight * CE + kd_weight * (teacher term) instead of (1 - alpha) CE + alpha (...)
+      # (mdistiller's convention; logit standardisation's authors: standardized_kd=0.1 / =9).
+      # ats and isats: (1 - lamb, lamb) with lamb = 0.5, the ATS authors' code.
+      "ce_weight": "ats=0.5,isats=0.5",
+      "kd_weight": "ats=0.5,isats=0.5",
+      # ATS (arXiv 2210.04427): teacher target / non-target temperatures tau_1 / tau_2 (the
+      # authors search tau_1 in 1..6 x tau_2 in 1..5, any order) and the student's temperature
+      # of the ats and isats arms (their s_tau = 1; these two arms ignore `temperature`).
       "ats_target_temperature": 4.0,
       "ats_nontarget_temperature": 2.0,
-      "isats_temperatures": "1,2,3,4,5,6",
+      "ats_student_temperature": 1.0,
+      # ISATS (arXiv 2405.13078): tau_1, and the grid searched per example for the tau_2 that
+      # maximises the non-target variance (1.0, 1.1, ..., 5.0: the ATS authors' tau_2 range).
+      "isats_target_temperature": 4.0,
+      "isats_temperatures": ",".join(f"{1 + 0.1 * i:.1f}" for i in range(41)),
       "dkd_alpha": 1.0,
       "dkd_beta": 8.0,
-      "dkd_warmup_steps": 0,
+      "dkd_warmup_epochs": 20.0,   # DKD term ramps up linearly over 20 epochs (mdistiller)
       "hint_feature": "block1",
       "hint_weight": 1.0,
       "rcd_minval": 0.0,
       "rcd_maxval": 1.0,
       "fgcr_fusion": 0.5,          # fgcr: weight of the class relations R[y] in the teacher target
       "teacher_loss": "ce",        # 'ce' | 'regt': teachers trained with RegT (arXiv 2405.13078)
-      "regt_weight": 0.05,         # regt: weight of the non-target variance reward (max C - 2)
+      "regt_weight": 0.05,         # regt: weight of the non-target variance reward (in [0, 1])
   })
 
   # Execution, evaluation, checkpoints.

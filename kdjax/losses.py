@@ -49,6 +49,23 @@ def _check_alpha(alpha) -> None:
   _checks.check_range("alpha", alpha, low=0.0, high=1.0)
 
 
+def _loss_weights(alpha, ce_weight, kd_weight) -> tuple[Array, Array]:
+  """(CE weight, teacher-term weight): (1 - alpha, alpha) when neither weight is given (Hinton's
+  convex form), else (ce_weight, kd_weight) as given (mdistiller's CE_WEIGHT / KD_WEIGHT, the
+  logit-standardisation authors' 0.1 / 9); then alpha is not used."""
+  if ce_weight is None and kd_weight is None:
+    _check_alpha(alpha)
+    alpha = _as_float(alpha)
+    return 1.0 - alpha, alpha
+  if ce_weight is None or kd_weight is None:
+    raise ValueError("ce_weight and kd_weight must be given together (or neither, for the "
+                     f"(1 - alpha, alpha) weights); got ce_weight={ce_weight!r}, "
+                     f"kd_weight={kd_weight!r}")
+  _checks.check_range("ce_weight", ce_weight, low=0.0)
+  _checks.check_range("kd_weight", kd_weight, low=0.0)
+  return _as_float(ce_weight), _as_float(kd_weight)
+
+
 def _check_pair(student_logits, teacher_logits, labels=None) -> None:
   _checks.check_same_shape("student_logits", student_logits, "teacher_logits", teacher_logits)
   if labels is not None:
@@ -109,10 +126,15 @@ def kl_divergence(target_logits, logits, *, temperature: Scalar = 1.0) -> Array:
 
 
 def kd_loss(student_logits, teacher_logits, labels, *, alpha: Scalar = 0.5,
-            temperature: Scalar = 1.0) -> Array:
+            temperature: Scalar = 1.0, ce_weight: Scalar | None = None,
+            kd_weight: Scalar | None = None) -> Array:
   """Hinton et al. 2015 distillation loss per example (arXiv 1503.02531):
 
-    L = (1 - alpha) * CE(y, softmax(s)) + alpha * T^2 * KL(softmax(t / T) || softmax(s / T)).
+    L = (1 - alpha) * CE(y, softmax(s)) + alpha * T^2 * KL(softmax(t / T) || softmax(s / T)),
+
+  or, with `ce_weight` and `kd_weight` given (both, >= 0; alpha is then not used),
+    L = ce_weight * CE + kd_weight * T^2 * KL,
+  the independent weights of mdistiller (CE_WEIGHT 0.1, KD_WEIGHT 0.9 for CIFAR-100 KD).
 
   The T^2 factor keeps the soft-target gradient magnitude independent of T. At T = 1 the gradient
   is dL/ds_k = p_s,k - (1 - alpha) 1[k = y] - alpha p_t,k: the student is pulled towards a mixture
@@ -121,13 +143,13 @@ def kd_loss(student_logits, teacher_logits, labels, *, alpha: Scalar = 0.5,
   `alpha` in [0, 1]; `temperature` > 0 (scalar or per example).
   """
   _check_pair(student_logits, teacher_logits, labels)
-  _check_alpha(alpha)
+  ce_w, kd_w = _loss_weights(alpha, ce_weight, kd_weight)
   _check_temperature("temperature", temperature)
   teacher_logits = jax.lax.stop_gradient(teacher_logits)
-  alpha, temperature = _as_float(alpha), _as_float(temperature)
+  temperature = _as_float(temperature)
   ce = softmax_cross_entropy(student_logits, labels)
   kl = kl_divergence(teacher_logits, student_logits, temperature=temperature)
-  return (1.0 - alpha) * ce + alpha * temperature**2 * kl
+  return ce_w * ce + kd_w * temperature**2 * kl
 
 
 # ------------------------------------------------------------------------------------------------
@@ -186,9 +208,12 @@ def standardize_logits(logits, *, eps: float = 1e-7) -> Array:
 
   with the sample standard deviation (Bessel-corrected and eps added, as `torch.std` in the
   authors' code; the paper's Algorithm 1 writes the 1/C form without eps, which differs by the
-  constant factor sqrt(C / (C - 1))). Distil with
-  `kd_loss(standardize_logits(s), standardize_logits(t), ...)` at the paper's base temperature
-  (2 in the authors' CIFAR settings). Constant logits map to 0 with a zero (not NaN) gradient.
+  constant factor sqrt(C / (C - 1))). Distil with `standardized_kd_loss`: the KL term between
+  the z-scored logits, the cross-entropy on the student's raw logits (as the authors' code and
+  kdjax's `standardized_kd` arm do; `kd_loss(standardize_logits(s), standardize_logits(t), ...)`
+  would put the cross-entropy on z-scored logits too). The authors' CIFAR-100 recipe: base
+  temperature 2, ce_weight 0.1, kd_weight 9. Constant logits map to 0 with a zero (not NaN)
+  gradient.
   """
   _checks.check_range("eps", eps, low=0.0)
   logits = _as_float(logits)
@@ -201,6 +226,28 @@ def standardize_logits(logits, *, eps: float = 1e-7) -> Array:
   positive = variance > 0
   std = jnp.where(positive, jnp.sqrt(jnp.where(positive, variance, 1.0)), 0.0)
   return centred / (std + eps)
+
+
+def standardized_kd_loss(student_logits, teacher_logits, labels, *, alpha: Scalar = 0.5,
+                         temperature: Scalar = 1.0, ce_weight: Scalar | None = None,
+                         kd_weight: Scalar | None = None) -> Array:
+  """KD between standardised logits (Sun et al., CVPR 2024, arXiv 2403.01427), per example:
+
+    L = w_ce CE(y, softmax(s)) + w_kd T^2 KL(softmax(z(t) / T) || softmax(z(s) / T)),
+
+  z = `standardize_logits`, the cross-entropy on the raw student logits, and (w_ce, w_kd) =
+  (1 - alpha, alpha) or (`ce_weight`, `kd_weight`) when both are given. The authors' code
+  (sunshangquan/logit-standardization-KD, on mdistiller) trains CIFAR-100 with T = 2,
+  ce_weight = 0.1 and kd_weight = 9, which the (1 - alpha, alpha) form cannot express.
+  """
+  _check_pair(student_logits, teacher_logits, labels)
+  ce_w, kd_w = _loss_weights(alpha, ce_weight, kd_weight)
+  _check_temperature("temperature", temperature)
+  teacher_logits = jax.lax.stop_gradient(teacher_logits)
+  kl = kl_divergence(standardize_logits(teacher_logits), standardize_logits(student_logits),
+                     temperature=temperature)
+  return ce_w * softmax_cross_entropy(student_logits, labels) + \
+      kd_w * _as_float(temperature)**2 * kl
 
 
 # ------------------------------------------------------------------------------------------------
@@ -218,12 +265,15 @@ def asymmetric_temperature_softmax(logits, labels, *, target_temperature: Scalar
                                    nontarget_temperature: Scalar) -> Array:
   """Asymmetric temperature scaling (ATS; Li et al., NeurIPS 2022, arXiv 2210.04427):
 
-    p_k = exp(z_k / tau_k) / sum_j exp(z_j / tau_j),  tau_y = target_temperature,
-                                                      tau_k = nontarget_temperature (k != y).
+    p_k = exp(z_k / tau_k) / sum_j exp(z_j / tau_j),  tau_y = target_temperature (tau_1),
+                                                      tau_k = nontarget_temperature (tau_2, k != y).
 
-  A larger target temperature than non-target temperature (tau_y > tau_k) softens an over-confident
-  large teacher's target probability while keeping its non-target classes distinct.
-  Returns probabilities with the class axis last.
+  The paper's motivation is a larger target than non-target temperature (tau_1 > tau_2 softens an
+  over-confident teacher's target probability while keeping its non-target classes distinct), but
+  the authors' code (lxcnju/ATS-LargeKD, `train_distill_ats.py`) searches every pair
+  tau_1 in {1, ..., 6} x tau_2 in {1, ..., 5} without that constraint, and so does kdjax: any
+  two temperatures > 0 (scalars or one per example). Unlike plain temperature scaling, ATS is
+  not invariant to adding a constant to the logits. Returns probabilities, class axis last.
   """
   _checks.check_labels_shape("logits", logits, "labels", labels)
   _check_temperature("target_temperature", target_temperature)
@@ -234,17 +284,22 @@ def asymmetric_temperature_softmax(logits, labels, *, target_temperature: Scalar
 
 def ats_kd_loss(student_logits, teacher_logits, labels, *, alpha: Scalar = 0.5,
                 target_temperature: Scalar, nontarget_temperature: Scalar,
-                temperature: Scalar = 1.0) -> Array:
-  """KD whose teacher distribution is asymmetric-temperature scaled (ATS, arXiv 2210.04427):
+                temperature: Scalar = 1.0, ce_weight: Scalar | None = None,
+                kd_weight: Scalar | None = None) -> Array:
+  """KD from an asymmetric-temperature-scaled teacher (ATS, arXiv 2210.04427), per example:
 
-    L = (1 - alpha) CE(y, s) + alpha T^2 KL(p_t^ATS || softmax(s / T)),
+    L = w_ce CE(y, s) + w_kd T^2 KL(p_t^ATS || softmax(s / T)),
 
-  p_t^ATS from `asymmetric_temperature_softmax` and T the student's temperature, 1 by default as in
-  the authors' code (lxcnju/ATS-LargeKD, `s_tau`), where the paper searches tau_y in 1..6 and
-  tau_k in 1..5 with tau_y > tau_k.
+  p_t^ATS = `asymmetric_temperature_softmax(t, y, tau_1, tau_2)`, T the student's temperature,
+  (w_ce, w_kd) = (1 - alpha, alpha) or (`ce_weight`, `kd_weight`) when both are given.
+
+  The authors' code (lxcnju/ATS-LargeKD, `distill.py`) uses T = 1 (`s_tau`), alpha = 0.5
+  (`lamb`: (1 - lamb) CE + lamb KD) and the cross-entropy -sum_k p_t,k log softmax(s / T)_k
+  instead of the KL; the two differ by T^2 times the teacher's entropy, a constant for the
+  student, so the gradients are equal. kdjax's defaults (T = 1, alpha = 0.5) are theirs.
   """
   _check_pair(student_logits, teacher_logits, labels)
-  _check_alpha(alpha)
+  ce_w, kd_w = _loss_weights(alpha, ce_weight, kd_weight)
   _check_temperature("target_temperature", target_temperature)
   _check_temperature("nontarget_temperature", nontarget_temperature)
   _check_temperature("temperature", temperature)
@@ -252,9 +307,8 @@ def ats_kd_loss(student_logits, teacher_logits, labels, *, alpha: Scalar = 0.5,
       teacher_logits, labels, target_temperature, nontarget_temperature))
   kl = _kl_from_log_probs(jax.nn.log_softmax(teacher, -1),
                           _tempered_log_softmax(student_logits, temperature))
-  alpha, temperature = _as_float(alpha), _as_float(temperature)
-  return (1.0 - alpha) * softmax_cross_entropy(student_logits, labels) + \
-      alpha * temperature**2 * kl
+  return ce_w * softmax_cross_entropy(student_logits, labels) + \
+      kd_w * _as_float(temperature)**2 * kl
 
 
 def _nontarget_probability_variance(probs, labels) -> Array:
@@ -266,16 +320,35 @@ def _nontarget_probability_variance(probs, labels) -> Array:
   return jnp.sum(jnp.where(is_target, 0.0, (probs - mean)**2), -1) / num_nontarget
 
 
-def isats_temperature(teacher_logits, labels, *, temperatures) -> Array:
-  """Instance-specific temperature of ISATS (arXiv 2405.13078), per example:
+# The default ISATS search space of tau_2: 1.0, 1.1, ..., 5.0, the ATS authors' non-target range
+# (1..5) at spacing 0.1.
+ISATS_TEMPERATURES = tuple(round(1.0 + 0.1 * i, 1) for i in range(41))
 
-    tau*(x) = argmax_{tau in grid} Var_{k != y} softmax(t / tau)_k,
 
-  the variance of the non-target entries of the softmax over all C classes (not renormalised),
-  i.e. the temperature at which the teacher's non-target classes are most distinct. Ties go to the
-  first grid value. Returns `teacher_logits.shape[:-1]` temperatures; no gradient flows.
+def isats_temperature(teacher_logits, labels, *, target_temperature: Scalar,
+                      temperatures=ISATS_TEMPERATURES) -> Array:
+  """Instance-specific non-target temperature of ISATS (arXiv 2405.13078), per example:
+
+    tau_2*(x) = argmax_{tau_2 in grid} Var_{k != y} q_k(x; tau_1, tau_2),
+    q(x; tau_1, tau_2) = asymmetric_temperature_softmax(t(x), y, tau_1, tau_2),
+
+  the population variance of the C - 1 non-target entries of the ATS distribution over all C
+  classes (not renormalised), with the target temperature tau_1 fixed: the non-target
+  temperature at which the teacher's non-target probabilities, as the student will see them,
+  are most distinct. This is kdjax's reading of ISATS (instance-specific ATS: target and
+  non-target temperatures differ, the non-target one chosen per example to maximise the
+  non-target variance); the method section's exact rule, in particular how tau_1 is set, was not
+  available to us, so tau_1 is a study-wide option.
+
+  A fine grid search, not a closed form: the variance is a transcendental function of tau_2
+  (a ratio of sums of exponentials) with no closed-form maximiser, and it need not be unimodal
+  (it trades the non-target mass, which grows with tau_2 when non-target logits are negative,
+  against their spread, which shrinks), so a grid finds the global maximum up to its spacing.
+  Default grid: `ISATS_TEMPERATURES`, 1.0 to 5.0 in steps of 0.1. Ties go to the first grid
+  value. Returns `teacher_logits.shape[:-1]` temperatures; no gradient flows.
   """
   _checks.check_labels_shape("teacher_logits", teacher_logits, "labels", labels)
+  _check_temperature("target_temperature", target_temperature)
   grid = np.asarray(temperatures, dtype=np.float32).reshape(-1)
   if grid.size == 0 or not np.all(np.isfinite(grid)) or np.any(grid <= 0):
     raise ValueError(f"temperatures must be a non-empty grid of finite values > 0, got "
@@ -284,21 +357,35 @@ def isats_temperature(teacher_logits, labels, *, temperatures) -> Array:
     raise ValueError("isats_temperature needs at least 3 classes (a variance over >= 2 "
                      f"non-target classes), got shape {np.shape(teacher_logits)}")
   logits = jax.lax.stop_gradient(_as_float(teacher_logits))
-  probs = jax.nn.softmax(logits[..., None, :] / grid[:, None], axis=-1)  # [..., G, C]
-  variances = _nontarget_probability_variance(probs, jnp.asarray(labels)[..., None])
+  labels = jnp.asarray(labels)
+  is_target = _target_mask(logits, labels)[..., None, :]                   # [..., 1, C]
+  target_t = _expand_last(jax.lax.stop_gradient(_as_float(target_temperature)))[..., None]
+  scaled = jnp.where(is_target, logits[..., None, :] / target_t,
+                     logits[..., None, :] / grid[:, None])                 # [..., G, C]
+  variances = _nontarget_probability_variance(jax.nn.softmax(scaled, -1), labels[..., None])
   return jnp.asarray(grid)[jnp.argmax(variances, axis=-1)]
 
 
 def isats_kd_loss(student_logits, teacher_logits, labels, *, alpha: Scalar = 0.5,
-                  temperatures) -> Array:
-  """KD with each example's ISATS temperature (arXiv 2405.13078):
+                  target_temperature: Scalar, temperatures=ISATS_TEMPERATURES,
+                  temperature: Scalar = 1.0, ce_weight: Scalar | None = None,
+                  kd_weight: Scalar | None = None) -> Array:
+  """KD from the teacher under instance-specific asymmetric temperature scaling (ISATS, arXiv
+  2405.13078), per example:
 
-    L = (1 - alpha) CE(y, s) + alpha tau*^2 KL(softmax(t / tau*) || softmax(s / tau*)),
-    tau* = isats_temperature(t, y, temperatures=grid).
+    L = ats_kd_loss(s, t, y, target_temperature=tau_1, nontarget_temperature=tau_2*(x),
+                    temperature=T, ...),
+    tau_2*(x) = isats_temperature(t, y, target_temperature=tau_1, temperatures=grid),
+
+  i.e. ATS whose non-target temperature is chosen per example. The student's temperature T and
+  the weights follow the ATS authors' code by default (T = 1, alpha = 0.5; see `ats_kd_loss`).
   """
   _check_pair(student_logits, teacher_logits, labels)
-  tau = isats_temperature(teacher_logits, labels, temperatures=temperatures)
-  return kd_loss(student_logits, teacher_logits, labels, alpha=alpha, temperature=tau)
+  tau = isats_temperature(teacher_logits, labels, target_temperature=target_temperature,
+                          temperatures=temperatures)
+  return ats_kd_loss(student_logits, teacher_logits, labels, alpha=alpha,
+                     target_temperature=target_temperature, nontarget_temperature=tau,
+                     temperature=temperature, ce_weight=ce_weight, kd_weight=kd_weight)
 
 
 def class_relation_matrix(teacher_logits, labels, num_classes: int, *, temperature: Scalar = 1.0,
@@ -325,21 +412,34 @@ def class_relation_matrix(teacher_logits, labels, num_classes: int, *, temperatu
 
 
 def fgcr_kd_loss(student_logits, teacher_logits, labels, class_relations, *,
-                 alpha: Scalar = 0.5, fusion: Scalar = 0.5, temperature: Scalar = 1.0) -> Array:
+                 alpha: Scalar = 0.5, fusion: Scalar = 0.5, temperature: Scalar = 1.0,
+                 ce_weight: Scalar | None = None, kd_weight: Scalar | None = None) -> Array:
   """KD from a teacher whose instance distribution is fused with global class relations (FGCR,
-  arXiv 2405.13078):
+  arXiv 2405.13078), per example:
 
-    q(x) = (1 - fusion) softmax(t(x) / T) + fusion R[y],  R = class_relation_matrix(...),
-    L = (1 - alpha) CE(y, s) + alpha T^2 KL(q || softmax(s / T)).
+    q(x)   = (1 - fusion) softmax(t(x)) + fusion R[y],      R = class_relation_matrix(..., T=1),
+    q^T(x) = softmax(log q(x) / T)  (= q^(1/T), renormalised),
+    L      = w_ce CE(y, s) + w_kd T^2 KL(q^T || softmax(s / T)),
+
+  (w_ce, w_kd) = (1 - alpha, alpha) or (`ce_weight`, `kd_weight`) when both are given.
+
+  Both distributions are fused at the same temperature, 1 (`class_relations` must be computed at
+  T = 1, as kdjax's engine does), and the fused distribution is then softened with the study
+  temperature exactly as plain KD softens the teacher (softmax(t / T) = softmax(log softmax(t) / T)),
+  so fusion = 0 is plain KD at temperature T. Fusing a distribution at T with relations at 1
+  mixes two scales: on an over-confident teacher at T = 4 the relations' near-one-hot rows pulled
+  the target probability up (0.24 -> 0.62) and flattened the non-target classes, the opposite of
+  what FGCR is for. Fused at one temperature, the relations add the class-level affinities that
+  an over-confident teacher's own non-target probabilities lack: the fused target has more
+  non-target variance than the teacher's own distribution at the same T.
 
   The paper's observation is that large teachers' instance-level non-target probabilities are
-  nearly indistinct while their class-affinity ranks stay consistent; fusing in the class-level
-  relations restores distinct non-target probabilities. This is kdjax's reading of FGCR (the
-  method section's exact fusion rule was not available to us): a convex mixture, `fusion` in
-  [0, 1], so q is a distribution and fusion = 0 is plain KD.
+  nearly indistinct while their class-affinity ranks stay consistent. This is kdjax's reading of
+  FGCR (the method section's exact fusion rule was not available to us): a convex mixture,
+  `fusion` in [0, 1].
   """
   _check_pair(student_logits, teacher_logits, labels)
-  _check_alpha(alpha)
+  ce_w, kd_w = _loss_weights(alpha, ce_weight, kd_weight)
   _checks.check_range("fusion", fusion, low=0.0, high=1.0)
   _check_temperature("temperature", temperature)
   num_classes = np.shape(student_logits)[-1]
@@ -347,25 +447,36 @@ def fgcr_kd_loss(student_logits, teacher_logits, labels, class_relations, *,
     raise ValueError(f"class_relations must have shape ({num_classes}, {num_classes}), got "
                      f"{tuple(np.shape(class_relations))}")
   fusion = _as_float(fusion)
-  teacher_probs = jax.nn.softmax(_as_float(teacher_logits) / _expand_last(temperature), -1)
+  teacher_probs = jax.nn.softmax(_as_float(jax.lax.stop_gradient(teacher_logits)), -1)
   fused = (1.0 - fusion) * teacher_probs + fusion * _as_float(class_relations)[labels]
   log_fused = jnp.log(jnp.clip(jax.lax.stop_gradient(fused), jnp.finfo(jnp.float32).tiny))
-  kl = _kl_from_log_probs(log_fused, _tempered_log_softmax(student_logits, temperature))
-  alpha, temperature = _as_float(alpha), _as_float(temperature)
-  return (1.0 - alpha) * softmax_cross_entropy(student_logits, labels) + \
-      alpha * temperature**2 * kl
+  kl = _kl_from_log_probs(_tempered_log_softmax(log_fused, temperature),
+                          _tempered_log_softmax(student_logits, temperature))
+  return ce_w * softmax_cross_entropy(student_logits, labels) + \
+      kd_w * _as_float(temperature)**2 * kl
 
 
 def regt_loss(teacher_logits, labels, *, weight: Scalar = 1.0, temperature: Scalar = 1.0) -> Array:
   """Teacher training loss with the RegT regulariser (regularising teachers, arXiv 2405.13078):
 
-    L = CE(y, t) - weight * Var_{k != y}((C - 1) p_hat_k),
+    L = CE(y, t) - weight * Var_{k != y}((C - 1) p_hat_k) / (C - 2),
     p_hat = softmax over the non-target classes of t / T,
 
-  cross-entropy plus a reward for distinct non-target probabilities, the quantity the paper finds
-  large teachers lose. The variance is of the renormalised non-target distribution scaled by C - 1
-  (0 for a uniform one, independent of C's scale), so `weight` >= 0 is comparable across datasets.
-  This is kdjax's reading of RegT (the method section's exact regulariser was not available to us).
+  cross-entropy minus a reward for distinct non-target probabilities, the quantity the paper
+  finds large teachers lose. The variance is of the renormalised non-target distribution scaled
+  by C - 1 (mean 1), divided by its largest value C - 2, so the reward lies in [0, weight] for
+  every C and `weight` >= 0 means the same across datasets. (Without the division the reward
+  grew with C: up to 4.9 nats at C = 100 with weight 0.05, far above a trained teacher's CE.)
+
+  What the reward does, checked against the method's intent: it is 0 for uniform non-target
+  probabilities and largest (= weight) when all non-target mass sits on one class. The CE term
+  depends on the target probability only, so nothing opposes the reward inside p_hat: with any
+  weight > 0 it pushes each example's non-target distribution towards its largest class. The
+  intent is distinct non-target probabilities that keep the class affinities; a spike on one
+  class keeps only the top affinity. Keep `weight` small (kdjax's default 0.05 bounds the reward
+  at 0.05 nats) and check the teachers' class-rank consistency (the `capacity` section) when
+  raising it. This is kdjax's reading of RegT (the method section's exact regulariser was not
+  available to us).
   """
   _checks.check_labels_shape("teacher_logits", teacher_logits, "labels", labels)
   _checks.check_range("weight", weight, low=0.0)
@@ -377,7 +488,8 @@ def regt_loss(teacher_logits, labels, *, weight: Scalar = 1.0, temperature: Scal
   scaled = _as_float(teacher_logits) / _expand_last(temperature)
   nontarget = jax.nn.softmax(jnp.where(is_target, scaled - _MASK_OFFSET, scaled), -1)
   spread = _nontarget_probability_variance((num_classes - 1) * nontarget, labels)
-  return softmax_cross_entropy(teacher_logits, labels) - _as_float(weight) * spread
+  return softmax_cross_entropy(teacher_logits, labels) - \
+      _as_float(weight) * spread / (num_classes - 2)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -70,6 +70,10 @@ class Replica:
   teacher_augment: str = ""  # its teacher's augmentation preset, for arms that learn from one
   kd_window: str = ""  # its KD window as configured, "START-STOP" fractions ("" without one)
   ensemble: tuple[int, ...] = ()  # the teacher replicas it distils from as an ensemble
+  # Its arm's loss weights from arm_options.ce_weight / kd_weight; None: the arm's default form
+  # ((1 - alpha, alpha) for kd-like losses; kdjax.arms, "Loss weights").
+  ce_weight: float | None = None
+  kd_weight: float | None = None
 
   def to_json(self) -> dict[str, Any]:
     """The replica as JSON values (what a metadata file round-trips to: lists, not tuples)."""
@@ -136,6 +140,37 @@ def parse_windows(name: str, value) -> tuple[tuple[float, float], ...]:
   if len(set(windows)) != len(windows):
     raise ValueError(f"{name} lists a window twice: {value!r}")
   return tuple(windows)
+
+
+def parse_arm_weights(name: str, value, allowed: Sequence[str]) -> dict[str, float]:
+  """Per-arm loss weights: a comma-separated "ARM=WEIGHT" list ("ats=0.5,standardized_kd=9"),
+  each ARM one of `allowed` (once) and each WEIGHT a finite number >= 0; "" = none."""
+  items = value.split(",") if isinstance(value, str) else list(value)
+  weights: dict[str, float] = {}
+  for item in (str(i).strip() for i in items if str(i).strip()):
+    arm, sep, number = item.partition("=")
+    arm = arm.strip()
+    try:
+      weight = float(number) if sep else float("nan")
+    except ValueError:
+      weight = float("nan")
+    if arm not in allowed or not np.isfinite(weight) or weight < 0:
+      raise ValueError(f"{name} must be comma-separated ARM=WEIGHT pairs, ARM one of "
+                       f"{', '.join(allowed)} and WEIGHT a number >= 0, e.g. "
+                       f"'standardized_kd=0.1'; got {item!r}")
+    if arm in weights:
+      raise ValueError(f"{name} lists {arm} twice: {value!r}")
+    weights[arm] = weight
+  return weights
+
+
+def arm_weights(config) -> tuple[dict[str, float], dict[str, float]]:
+  """(ce_weight, kd_weight) per arm from `arm_options.ce_weight` / `kd_weight` (absent in configs
+  written before them: no arm has weights). Only arms with a teacher term take weights."""
+  allowed = tuple(a.name for a in arms_lib.ARMS.values() if a.teacher_signal != "none")
+  options = config.arm_options
+  return (parse_arm_weights("arm_options.ce_weight", options.get("ce_weight", ""), allowed),
+          parse_arm_weights("arm_options.kd_weight", options.get("kd_weight", ""), allowed))
 
 
 def window_label(window: tuple[float, float]) -> str:
@@ -244,6 +279,7 @@ def student_replicas(config, total_steps: int, specs: Sequence[ModelSpec],
   windows = parse_windows("kd_windows", config.kd_windows)
   compositions = parse_ensembles("ensembles", config.get("ensembles", ""),
                                  teacher_augments(config))
+  ce_weights, kd_weights = arm_weights(config)
   by_model: dict[str, list[Replica]] = {}
   for t in teachers:
     by_model.setdefault(t.model, []).append(t)
@@ -297,7 +333,8 @@ def student_replicas(config, total_steps: int, specs: Sequence[ModelSpec],
                 kd_stop=int(round(stop * total_steps)), init=init, augment=config.augment,
                 model=spec.label, teacher_model="" if group is None else group[0].model,
                 teacher_augment=augment_label, ensemble=ensemble,
-                kd_window="" if window is None else window_label(window)))
+                kd_window="" if window is None else window_label(window),
+                ce_weight=ce_weights.get(arm_name), kd_weight=kd_weights.get(arm_name)))
   return rows
 
 
@@ -334,9 +371,15 @@ def hparams(replicas: Sequence[Replica],
   for i, r in enumerate(replicas):
     members[i, :len(r.ensemble)] = [position[t] for t in r.ensemble]
     weights[i, :len(r.ensemble)] = 1.0 / max(len(r.ensemble), 1)
+  fixed = [getattr(r, "ce_weight", None) is not None for r in replicas]
   return arms_lib.ReplicaHParams(
       alpha=column("alpha", np.float32), temperature=column("temperature", np.float32),
       label_smoothing=column("label_smoothing", np.float32),
       kd_start=column("kd_start", np.int32), kd_stop=column("kd_stop", np.int32),
       teacher_index=np.array([position.get(r.teacher, 0) for r in replicas], np.int32),
-      ensemble_index=members, ensemble_weight=weights)
+      ensemble_index=members, ensemble_weight=weights,
+      ce_weight=np.array([r.ce_weight if f else 0.0 for r, f in zip(replicas, fixed)],
+                         np.float32),
+      kd_weight=np.array([r.kd_weight if f else 0.0 for r, f in zip(replicas, fixed)],
+                         np.float32),
+      fixed_weights=np.array(fixed, np.float32))

@@ -265,7 +265,7 @@ def resolve(config, *, num_devices: int | None = None) -> Study:
       raise ConfigError("num_teachers", f"must be at least {largest}, the members of the largest "
                         f"ensemble in ensembles ({config.ensembles!r}), so that its members are "
                         f"different teachers; got {config.num_teachers}")
-  options = _loss_options(config)
+  options, dkd_warmup_epochs = _loss_options(config)
   analyses = ()
   if config.get("analyses", ""):
     from kdjax.analysis import sections  # pylint: disable=g-import-not-at-top  (import cycle)
@@ -296,6 +296,8 @@ def resolve(config, *, num_devices: int | None = None) -> Study:
   teacher_specs = _models(config, "teacher_model", "teacher_model_kwargs", "teacher_model_grid",
                           spec.num_classes) if config.teacher_model else model_specs
   spe = data_lib.steps_per_epoch(num_train, batch_size)
+  if dkd_warmup_epochs is not None:  # mdistiller's warm-up in epochs, as steps of this study
+    options = dataclasses.replace(options, dkd_warmup_steps=int(round(dkd_warmup_epochs * spe)))
   teacher_rows = replicas_lib.teacher_replicas(config, teacher_specs)
   teacher = Stage("teacher", tuple(teacher_rows), (), teacher_epochs if teacher_epochs > 0
                   else num_epochs, spe)
@@ -406,32 +408,61 @@ def _names_or_error(fn, key: str):
 
 
 def _loss_options(config) -> arms_lib.LossOptions:
+  """The arms' study-wide settings (`arm_options`). `dkd_warmup_steps` is still in epochs here:
+  `resolve` converts it once the steps per epoch are known."""
   prefix = "arm_options"
+  o = config.arm_options
   isats = _grid(config, f"{prefix}.isats_temperatures", low=0.0, low_open=True)
-  for key in ("ats_target_temperature", "ats_nontarget_temperature"):
-    _grid(config, f"{prefix}.{key}", low=0.0, low_open=True)
   for key in ("dkd_alpha", "dkd_beta", "hint_weight"):
     _grid(config, f"{prefix}.{key}", low=0.0)
   _grid(config, f"{prefix}.label_smoothing", low=0.0, high=1.0)
   minval, maxval = (_grid(config, f"{prefix}.{k}")[0] for k in ("rcd_minval", "rcd_maxval"))
   if minval >= maxval:
     raise ConfigError(f"{prefix}.rcd_maxval", f"must be greater than rcd_minval={minval:g}")
-  # arXiv 2405.13078's fgcr arm and RegT teachers; absent from configs written before them.
+  # Keys added after the first configs: absent from configs (config.json) written before them.
   extra = {}
-  if "fgcr_fusion" in config.arm_options:
+  for key in ("ats_target_temperature", "ats_nontarget_temperature", "ats_student_temperature",
+              "isats_target_temperature"):
+    if key in o:
+      extra[key] = _number(config, f"{prefix}.{key}", low=0.0, low_inclusive=False)
+  if "fgcr_fusion" in o:
     extra["fgcr_fusion"] = _number(config, f"{prefix}.fgcr_fusion", low=0.0, high=1.0)
-  if "teacher_loss" in config.arm_options:
+  if "teacher_loss" in o:
     extra["teacher_loss"] = _choice(config, f"{prefix}.teacher_loss", ("ce", "regt"))
-  if "regt_weight" in config.arm_options:
+  if "regt_weight" in o:
     extra["regt_weight"] = _number(config, f"{prefix}.regt_weight", low=0.0)
-  o = config.arm_options
-  return arms_lib.LossOptions(**extra,
-      ats_target_temperature=float(o.ats_target_temperature),
-      ats_nontarget_temperature=float(o.ats_nontarget_temperature),
+  # The DKD warm-up in epochs (mdistiller: 20); configs written before it gave steps.
+  if "dkd_warmup_epochs" in o:
+    warmup_epochs = _number(config, f"{prefix}.dkd_warmup_epochs", low=0.0)
+  else:
+    warmup_epochs = None
+    extra["dkd_warmup_steps"] = _int(config, f"{prefix}.dkd_warmup_steps", low=0)
+  ce_weights, kd_weights = _names_or_error(lambda: replicas_lib.arm_weights(config),
+                                           _weights_key(config))
+  for key, mine, other in (("ce_weight", ce_weights, kd_weights),
+                           ("kd_weight", kd_weights, ce_weights)):
+    missing = sorted(set(other) - set(mine))
+    if missing:
+      raise ConfigError(f"{prefix}.{key}", f"must give a weight for every arm that "
+                        f"arm_options.{'kd_weight' if key == 'ce_weight' else 'ce_weight'} lists "
+                        f"(both weights, or neither for the (1 - alpha, alpha) form); missing "
+                        f"{', '.join(missing)}")
+  options = arms_lib.LossOptions(**extra,
       isats_temperatures=isats, dkd_alpha=float(o.dkd_alpha), dkd_beta=float(o.dkd_beta),
-      dkd_warmup_steps=_int(config, f"{prefix}.dkd_warmup_steps", low=0),
       hint_feature=str(o.hint_feature), hint_weight=float(o.hint_weight),
       rcd_minval=minval, rcd_maxval=maxval)
+  return options, warmup_epochs
+
+
+def _weights_key(config) -> str:
+  """The weights key to blame for an unparsable value: the first that does not parse."""
+  allowed = tuple(a.name for a in arms_lib.ARMS.values() if a.teacher_signal != "none")
+  for key in ("ce_weight", "kd_weight"):
+    try:
+      replicas_lib.parse_arm_weights(key, config.arm_options.get(key, ""), allowed)
+    except ValueError:
+      return f"arm_options.{key}"
+  return "arm_options.kd_weight"
 
 
 def _check_hint(config, student: replicas_lib.ModelSpec, teacher: replicas_lib.ModelSpec,

@@ -57,7 +57,9 @@ def test_fgcr_arm_equals_numpy(logits, alpha, temperature, fusion):
   options = arms_lib.LossOptions(fgcr_fusion=fusion)
   got = arms_lib.kind_loss("fgcr", s, t, y, _hp(alpha, temperature), 0, options,
                            class_relations=relations)
-  q = (1 - fusion) * _softmax(t / temperature) + fusion * relations[y]
+  # Fused at T = 1 (the relations' temperature), then softened: q^T = q^(1/T), renormalised.
+  fused = (1 - fusion) * _softmax(t.astype(np.float64)) + fusion * relations[y]
+  q = fused**(1 / temperature) / np.sum(fused**(1 / temperature), -1, keepdims=True)
   log_ps = np.log(_softmax(s / temperature))
   kl = np.sum(np.where(q > 0, q * (np.log(np.maximum(q, 1e-300)) - log_ps), 0.0), -1)
   ce = -np.log(_softmax(s))[np.arange(len(y)), y]
@@ -75,7 +77,7 @@ def test_regt_teacher_loss_equals_numpy(logits):
     rest = np.delete(row, label)
     p_hat = _softmax(rest) * (c - 1)
     ce = -np.log(_softmax(row)[label])
-    expected.append(ce - 0.7 * np.var(p_hat))
+    expected.append(ce - 0.7 * np.var(p_hat) / (c - 2))  # the reward's maximum is C - 2
   np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-6)
 
 
