@@ -124,9 +124,16 @@ def kl_divergence(target_logits, logits) -> Array:
 
     KL(p_t || p_s) = sum_k p_t,k (log p_t,k - log p_s,k).
 
-  DESIGN.md's `kl_divergence` is KL(p_t || p_s) with target = teacher, logits = student (the
-  fidelity measure of arXiv 2405.00739). Defined as the T = 1 case of `kdjax.losses.kl_divergence`
-  (Hinton et al. 2015, arXiv 1503.02531) so there is one implementation of the KL.
+  kdjax's `kl_divergence` metric is KL(p_t || p_s) with target = teacher, logits = student, at
+  T = 1, per example of the un-augmented eval split, averaged over the split. It is a fidelity
+  measure in the sense of arXiv 2405.00739 but not the number that paper reports: its authors'
+  code (zisci2/RethinkKD, trainer.py `KL_divergence`) computes 10 x KL(p_s || p_t) (the other
+  direction: `F.kl_div(log p_t, p_s)`), averaged per batch (`batchmean`) over the training
+  batches with their augmentation, and sums the batch values over an epoch. So kdjax's value is
+  neither scaled by 10 nor of the same direction, and is measured on held-out, un-augmented
+  data; compare it across arms within kdjax, not with the paper's numbers. Defined as the T = 1
+  case of `kdjax.losses.kl_divergence` (Hinton et al. 2015, arXiv 1503.02531) so there is one
+  implementation of the KL.
   """
   return losses.kl_divergence(target_logits, logits, temperature=1.0)
 
@@ -153,6 +160,13 @@ def rank_disagreement(a_logits, b_logits, *, k: int | None = None) -> Array:
   where pi_x(r) is the class at rank r when the classes are sorted by decreasing logit of x. Ties
   are broken stably: among equal logits the lowest class index ranks first. softmax is monotone,
   so ranking logits equals ranking probabilities. `k` in [1, C] restricts to the top-k positions.
+
+  When it is informative: with few classes (C <= ~10: digits, CIFAR-10), where a swap of two
+  positions is a real difference in how the classes are ranked. With many classes it saturates:
+  any swap in the long, near-tied tail of low-probability classes counts, so two rankings with
+  Spearman correlation 0.993 over 100 classes disagree at 80% of the positions. There use
+  `topk_rank_disagreement` (which classes the top k are) or this function with `k` (at which of
+  the first k positions the classes differ).
   """
   _check_pair("a_logits", a_logits, "b_logits", b_logits)
   num_classes = np.shape(a_logits)[-1]
@@ -162,6 +176,27 @@ def rank_disagreement(a_logits, b_logits, *, k: int | None = None) -> Array:
   order_a = _descending_order(a_logits)[..., :k]
   order_b = _descending_order(b_logits)[..., :k]
   return jnp.mean((order_a != order_b).astype(jnp.float32), axis=-1)
+
+
+def topk_rank_disagreement(a_logits, b_logits, *, k: int = 5) -> Array:
+  """Top-k set disagreement per example, the top-k variant of `rank_disagreement`:
+
+    RD@k = 1 - |top_k(a) & top_k(b)| / k,
+
+  the fraction of a's k highest-ranked classes that are not among b's k highest-ranked classes
+  (order within the top k ignored; ties broken as in `rank_disagreement`). The complement of
+  the top-k rank-set overlap of arXiv 2405.13078's class-affinity consistency. Informative with
+  many classes, where the full-ranking `rank_disagreement` saturates: it looks only at the
+  classes a model considers most likely, where dark knowledge lives. `k` in [1, C] (k = 1 is
+  1 - top-1 agreement).
+  """
+  _check_pair("a_logits", a_logits, "b_logits", b_logits)
+  num_classes = np.shape(a_logits)[-1]
+  _checks.check_int("k", k, low=1, high=num_classes)
+  top_a = _descending_order(a_logits)[..., :k]
+  top_b = _descending_order(b_logits)[..., :k]
+  shared = jnp.sum(top_a[..., :, None] == top_b[..., None, :], axis=(-2, -1))
+  return 1.0 - shared.astype(jnp.float32) / k
 
 
 def confidence(logits, labels) -> Array:
@@ -201,8 +236,9 @@ def nontarget_variance(logits, labels) -> Array:
     v = (1 / (C - 1)) sum_{k != y} (p_k - mu)^2,   mu = (1 / (C - 1)) sum_{k != y} p_k,
 
   with p = softmax over all C classes (the target is removed, the rest is not renormalised) and
-  the population variance over the C - 1 entries. Needs C >= 2. The same quantity ISATS maximises
-  (`kdjax.losses.isats_temperature`), so it shares that implementation.
+  the population variance over the C - 1 entries. Needs C >= 2. ISATS maximises the same
+  variance of the teacher's asymmetric-temperature distribution (`kdjax.losses.isats_temperature`;
+  equal to this one when both temperatures are 1), so it shares that implementation.
   """
   _checks.check_labels_shape("logits", logits, "labels", labels)
   if np.shape(logits)[-1] < 2:

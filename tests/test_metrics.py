@@ -523,3 +523,42 @@ def test_shape_mismatch_and_hyperparameter_errors():
   for name, call in bad_hyperparameters:
     with pytest.raises(ValueError, match=name):
       call()
+
+
+def _np_topk_set_disagreement(a, b, k):
+  """1 - |top-k(a) & top-k(b)| / k with numpy's stable argsort of -x (lowest index first)."""
+  top_a = set(np.argsort(-a, kind="stable")[:k].tolist())
+  top_b = set(np.argsort(-b, kind="stable")[:k].tolist())
+  return 1.0 - len(top_a & top_b) / k
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_topk_rank_disagreement_matches_set_overlap(rng, k):
+  a = rng.normal(size=(30, 8)).astype(np.float32)
+  b = (a + rng.normal(scale=0.5, size=(30, 8))).astype(np.float32)
+  b[:5] = rng.integers(0, 2, size=(5, 8))  # ties
+  got = metrics.topk_rank_disagreement(a, b, k=k)
+  want = [_np_topk_set_disagreement(x, y, k) for x, y in zip(a, b)]
+  np.testing.assert_allclose(got, want, atol=1e-7)
+  if k == 1:
+    np.testing.assert_allclose(got, 1.0 - metrics.agreement(a, b), atol=1e-7)
+  with pytest.raises(ValueError, match="k must"):
+    metrics.topk_rank_disagreement(a, b, k=9)
+
+
+def test_full_rank_disagreement_saturates_with_many_classes_and_topk_does_not(rng):
+  """100 classes, rankings with Spearman correlation > 0.99 (scipy): the full positional rank
+  disagreement is near 1, the top-5 set disagreement small; the docstrings' guidance."""
+  from scipy import stats as scipy_stats  # pylint: disable=g-import-not-at-top
+  a = rng.normal(0, 3, size=(50, 100)).astype(np.float32)
+  a[:, 0] += 12.0  # a confident top class, as a trained model's
+  b = (a + rng.normal(0, 0.2, size=a.shape)).astype(np.float32)
+  rho = np.mean([scipy_stats.spearmanr(x, y)[0] for x, y in zip(a, b)])
+  assert rho > 0.99
+  full = np.mean([np_rank_disagreement(x, y) for x, y in zip(a, b)])
+  top5 = np.mean([_np_topk_set_disagreement(x, y, 5) for x, y in zip(a, b)])
+  assert full > 0.6 and top5 < 0.2
+  np.testing.assert_allclose(np.mean(np.asarray(metrics.rank_disagreement(a, b))), full,
+                             atol=1e-6)
+  np.testing.assert_allclose(np.mean(np.asarray(metrics.topk_rank_disagreement(a, b, k=5))),
+                             top5, atol=1e-6)
