@@ -2,11 +2,17 @@
 
 Teachers of several capacities are trained on labels; one student architecture (fresh
 initialisation) is distilled from EVERY teacher model under
-  kd     Hinton et al. 2015,
-  ats    asymmetric temperature scaling (Li et al., arXiv 2210.04427),
-  isats  instance-specific ATS: per example the temperature that maximises the non-target
-         variance (the paper's method),
+  kd     Hinton et al. 2015, (1 - alpha) CE + alpha T^2 KL with the study's alpha and T,
+  ats    asymmetric temperature scaling (Li et al., arXiv 2210.04427) as the ATS authors' code
+         trains it: teacher target / non-target temperatures tau_1 = 4, tau_2 = 2
+         (`arm_options.ats_*_temperature`), student at T = 1, 0.5 CE + 0.5 KD; the study's
+         alpha and temperature are not used (arm_options ce_weight / kd_weight,
+         ats_student_temperature),
+  isats  instance-specific ATS (the paper's method, kdjax's reading): tau_1 = 4
+         (`isats_target_temperature`), tau_2 chosen per example from 1.0, 1.1, ..., 5.0 to
+         maximise the variance of the non-target probabilities; student and weights as ats,
   fgcr   the teacher's distribution fused with its global class relations on the train split,
+         both at T = 1, then softened at the study temperature,
 plus `onehot` (labels only) as the no-teacher reference. The `capacity` analysis section
 (kdjax/analysis/capacity.py) reports per teacher model its parameter count, accuracy and mean
 non-target variance (the paper's first observation: larger teachers have less distinct
@@ -29,6 +35,8 @@ The argument is `SIZE[,regt]`:
 
   paper  CIFAR-100; ResNet-20/32/56/110 teachers, ResNet-8 students, 240 epochs, SGD 0.05 with
          step decay at epochs 150/180/210 (the usual CIFAR-100 KD recipe), T = 4, 3 seeds.
+         With 3 seeds a two-sided Mann-Whitney test cannot give p < 0.1 (2 / C(6, 3)); the
+         report's p-values are exact or permutation p-values (kdjax.stats.mann_whitney_u).
          Prepare the data where there is network (`tfds build cifar100 --data_dir=DIR`), then on
          a GPU or TPU:
 
@@ -74,8 +82,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model, config.model_kwargs = "cnn", {"width": 0.25}
     config.num_seeds = 2
     config.num_epochs = 12
-    # alpha T^2 = 14.4 scales the KD gradient: 0.1 (the default study's rate) made the ats and
-    # kd students of an 8-epoch trial swing by up to 0.4 in accuracy between seeds.
+    # alpha T^2 = 14.4 scales the kd / fgcr gradient: 0.1 (the default study's rate) made the
+    # kd students of an 8-epoch trial swing by up to 0.4 in accuracy between seeds. (ats and
+    # isats use the ATS authors' T = 1 and weights 0.5 / 0.5, not alpha and T.)
     config.optimizer.learning_rate = "0.05"
     config.temperature = "4.0"
     config.alpha = "0.9"
