@@ -105,7 +105,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   })
 
   # Execution, evaluation, checkpoints.
-  config.execution = "auto"        # 'auto' (unrolled on CPU, vmap on GPU/TPU) | 'vmap' | 'unrolled'
+  # How each stage's replicas run (README, "What a study costs"): 'auto' = 'blocked' on CPU,
+  # 'vmap' on GPU/TPU; 'blocked' compiles one program per block of replicas_per_block replicas
+  # of one arm and runs it over the blocks, 'unrolled' compiles all replicas into one program.
+  config.execution = "auto"        # 'auto' | 'blocked' | 'unrolled' | 'vmap'
+  config.replicas_per_block = 0    # 'blocked': 0 = chosen by the stage's length, or 1, 2, ...
   # The device mesh over all devices of all processes: replicas are sharded over 'replica'; each
   # replica's batch over 'data' (gradients summed, BatchNorm statistics synchronised over it).
   # -1 fills the devices the other axis leaves; replica x data = the device count. batch_size

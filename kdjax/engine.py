@@ -12,13 +12,20 @@ hyperparameters (kdjax.arms) and its own optimiser update with its own learning 
 (kdjax.optim). Arms are per-replica data, so different arms share the program.
 
 How the replica axis is executed is chosen per backend (`config.execution`), because the fast
-path differs (DESIGN.md, "Measured on the project's machines"):
-  * 'vmap'     (GPU/TPU default): `jax.vmap` over replicas. Arms are selected by per-replica codes,
-               so the loss kinds and teacher signals present in the stage are all computed.
-  * 'unrolled' (CPU default): the replicas unrolled inside the one jitted step. XLA:CPU turns a
-               vmapped convolution into a grouped convolution that runs 4.4x slower than separate
-               ones; unrolled replicas run as fast as separate jitted calls. On a single device
-               every replica's arm is also static, so e.g. a SIDDO replica never runs a teacher.
+path differs (README, "What a study costs"). In every case a step first builds all replicas'
+batches in one program (`kdjax.data.train_batch`), then runs *block programs*: each slices rows
+[offset, offset + size) of the stacked state, updates them, and writes them back in place (the
+state is donated), so XLA compiles one block of rows, not the whole replica axis:
+  * 'vmap'     (GPU/TPU default): one block of every replica, `jax.vmap`ped. Arms are selected by
+               per-replica codes, so the loss kinds and teacher signals present are all computed.
+  * 'blocked'  (CPU default): blocks of `replicas_per_block` rows (0 = `block_size` chooses by
+               the stage's length), each row unrolled with its arm static, e.g. a SIDDO row never
+               runs a teacher. One program per distinct block pattern (arms of its rows), called
+               for every block of that pattern: compile time depends on the kinds of replica,
+               not their number. XLA:CPU turns a vmapped convolution into a grouped convolution
+               that runs 4.4x slower than separate ones, so rows are unrolled, not vmapped.
+  * 'unrolled' one block of every replica, unrolled: the fastest steps on CPU, but its compile
+               time grows with the replica count.
 The devices of all processes form a 2-D mesh ('replica', 'data') (`make_mesh`, config `mesh`).
 Each row of the mesh runs its block of replicas (`jax.shard_map`). Within a row each replica's
 batch is split over 'data': a shard's loss is its part of the whole batch's masked mean
@@ -122,7 +129,39 @@ def make_mesh(mesh_config=None, devices=None) -> Mesh:
 def backend_execution(requested: str) -> str:
   if requested != "auto":
     return requested
-  return "unrolled" if jax.default_backend() == "cpu" else "vmap"
+  return "blocked" if jax.default_backend() == "cpu" else "vmap"
+
+
+# `execution='blocked'` with `replicas_per_block` 0 (auto): rows per block by the work each
+# compiled block program amortises. Measured on 2 CPU cores (benchmarks/end_to_end.py, the
+# default cnn on digits, 24 students of 3 arms): compiling a block program costs about
+# 0.7 s + 0.73 s per row, and a replica step costs 1.15, 1.08, 0.90 and 0.78 ms at 1, 2, 4 and 8
+# rows (unrolled rows keep both cores busy). Going from 1 to 4 rows pays back after about 8k
+# replica steps per program, from 4 to 8 after about 25k.
+AUTO_BLOCKS = ((25_000, 8), (8_000, 4), (0, 1))  # (replica steps per program >=, rows)
+
+
+def block_size(execution: str, local_replicas: int, requested: int = 0, *,
+               replica_steps_per_program: float = 0.0) -> int:
+  """Rows (replicas) per compiled block: every replica of a shard for 'vmap' and 'unrolled' (one
+  block); for 'blocked' `requested`, or with 0 the AUTO_BLOCKS choice for the replica steps that
+  each program will run; at most the shard's replicas."""
+  if execution != "blocked":
+    return local_replicas
+  if not requested:
+    requested = next(rows for steps, rows in AUTO_BLOCKS if replica_steps_per_program >= steps)
+  return min(requested, local_replicas)
+
+
+def block_layout(local_replicas: int, size: int) -> list[tuple[int, int]]:
+  """(offset, start) of each block over a shard's `local_replicas` rows: consecutive blocks of
+  `size` rows from offset 0; when `size` does not divide the rows, one more block ends at the
+  last row, overlapping the one before it, and writes only its rows from `start` on."""
+  offsets = list(range(0, local_replicas - size + 1, size))
+  blocks = [(o, o) for o in offsets]
+  if local_replicas % size:
+    blocks.append((local_replicas - size, offsets[-1] + size))
+  return blocks
 
 
 class Engine:
@@ -164,8 +203,25 @@ class Engine:
         lambda key: self.module.init(key, self._dummy_input, train=False))
     self._init_optimizer = jax.jit(lambda params, lrs: optim.set_learning_rate(
         jax.vmap(self.tx.init)(params), lrs))
-    self.train_step = jax.jit(self._train_step, donate_argnums=(0,))
-    self.predict = jax.jit(self._predict)
+    self.replica_shards = int(self.mesh.shape["replica"])
+    # Per-replica constants, placed once: sliced block by block inside the programs.
+    self._replica_constants = jax.device_put(
+        (self.hp, self.kind_codes, self.signal_codes), self.replica_sharding)
+    # Replica steps each program of this group runs: one program per arm (at one row per block).
+    steps_per_program = self.num_replicas * group.total_steps / len(self._pairs)
+    self.replicas_per_block = block_size(
+        self.execution, self.num_replicas // self.replica_shards,
+        int(self.config.get("replicas_per_block", 0)),
+        replica_steps_per_program=steps_per_program)
+    self._blocks = block_layout(self.num_replicas // self.replica_shards,
+                                self.replicas_per_block)
+    self._step_inputs = jax.jit(self._make_step_inputs)
+    self._programs: dict = {}  # (what, pattern) -> jitted block program
+    # Each block's (offset, start) as device scalars (traced: one program per pattern).
+    self._block_args = [jax.device_put((np.int32(o), np.int32(s)), self.replicated)
+                        for o, s in self._blocks]
+    self._train_patterns = [self._block_pattern(o, arms=True) for o, _ in self._blocks]
+    self._predict_patterns = [self._block_pattern(o, arms=False) for o, _ in self._blocks]
     self.epoch_order = jax.jit(functools.partial(
         data_lib.epoch_order, shared_order=bool(self.config.shared_order)),
         static_argnums=(2,))
@@ -319,79 +375,147 @@ class Engine:
       return key
     return jax.random.fold_in(key, jax.lax.axis_index(self._data_axis))
 
-  # ---------------------------------------------------------------- all replicas
+  # ---------------------------------------------------------------- all replicas, by blocks
 
-  def _map_replicas(self, fn: Callable, per_replica: tuple, shared: tuple, *,
-                    static_arms: bool, specs: tuple | None = None, out_specs=P("replica")):
-    """Applies fn(*per_replica_slices, *shared, kinds=..., signals=...) over the replica axis.
+  def _block_pattern(self, offset: int, *, arms: bool):
+    """The static shape of the block at local row `offset`: None when its replicas are vmapped,
+    else per row j the (loss kinds, teacher signals) that row may have. A row's arm is static
+    (one kind, one signal) when the replica at that row has the same arm in every replica shard;
+    else the row selects its arm by code. `arms=False` (inference): no arm at all."""
+    if self.execution == "vmap":
+      return None
+    local = self.num_replicas // self.replica_shards
+    rows = []
+    for j in range(self.replicas_per_block):
+      present = {(self.arms[d * local + offset + j].loss,
+                  self.arms[d * local + offset + j].teacher_signal)
+                 for d in range(self.replica_shards)}
+      if not arms:
+        rows.append(((), ()))
+      elif len(present) == 1:
+        ((kind, signal),) = present
+        rows.append(((kind,), (signal,)))
+      else:
+        rows.append((self.kinds, self.signals))
+    return tuple(rows)
 
-    per_replica: pytrees with a leading replica axis; shared: pytrees every replica sees.
-    specs: their shard_map specs (per_replica specs, shared specs); default P('replica') and P()
-    each; a batch axis is sharded over 'data' with P('replica', 'data') / P('data').
-    """
-    num_devices = self.mesh.devices.size
-    if specs is None:
-      specs = ((P("replica"),) * len(per_replica), (P(),) * len(shared))
+  def _program(self, what: str, pattern):
+    """The jitted block program of `what` ('train' or 'predict') for one block pattern, built
+    on first use: programs are shared by every block of the same pattern."""
+    key = (what, pattern)
+    if key not in self._programs:
+      per_batch = P("replica", "data")
+      body, carry_spec, per_replica_specs, shared_specs = {
+          # carry (params, batch_stats, opt_state, diverged, metrics); per replica (keys, hp,
+          # kind codes, signal codes, x, labels, mask); shared (step, teachers).
+          "train": (self._train_rows, P("replica"),
+                    (P("replica"),) * 4 + (per_batch,) * 3, (P(), P())),
+          # carry: logits [R, B, ...]; per replica: variables; shared: the input batch x.
+          "predict": (self._predict_rows, per_batch, (P("replica"),), (P("data"),)),
+      }[what]
+      self._programs[key] = self._block_program(body, pattern, carry_spec, per_replica_specs,
+                                                shared_specs)
+    return self._programs[key]
 
-    def local(per_replica, shared, offset_static: bool):
+  def _block_program(self, body: Callable, pattern, carry_spec, per_replica_specs,
+                     shared_specs):
+    """jit(program(carry, per_replica, shared, offset, start) -> carry), carry donated: rows
+    [offset, offset + size) of every carry and per-replica leaf (in each replica shard) are
+    sliced out, `body(carry_row, per_replica_row, *shared, kinds=, signals=)` gives each row's
+    new carry (rows unrolled, or vmapped when `pattern` is None), and the rows are written back
+    in place. Rows below `start` (the last block of a shard overlapping the one before it) keep
+    their carry. What XLA compiles is one block of rows, whatever the replica count."""
+    size = self.replicas_per_block
+    masked = any(offset != start for offset, start in self._blocks)
+
+    def local(carry, per_replica, shared, offset, start):
+      take = lambda a: jax.lax.dynamic_slice_in_dim(a, offset, size)
+      old, rows = jax.tree.map(take, carry), jax.tree.map(take, per_replica)
       with models_common.batch_norm_axis(self._data_axis):
-        return local_replicas(per_replica, shared, offset_static)
-
-    def local_replicas(per_replica, shared, offset_static: bool):
-      num_local = jax.tree.leaves(per_replica)[0].shape[0]
-      if self.execution == "vmap":
-        return jax.vmap(lambda *a: fn(*a, *shared, kinds=self.kinds, signals=self.signals))(
-            *per_replica)
-      outs = []
-      for r in range(num_local):
-        sliced = jax.tree.map(lambda a: a[r], per_replica)
-        if offset_static:
-          arm = self.arms[r]
-          kinds, signals = (arm.loss,), (arm.teacher_signal,)
+        if pattern is None:
+          new = jax.vmap(lambda c, r: body(c, r, *shared, kinds=self.kinds,
+                                           signals=self.signals))(old, rows)
         else:
-          kinds, signals = self.kinds, self.signals
-        outs.append(fn(*sliced, *shared, kinds=kinds, signals=signals))
-      return jax.tree.map(lambda *a: jnp.stack(a), *outs)
+          row = lambda tree, j: jax.tree.map(lambda a: a[j], tree)
+          new = jax.tree.map(lambda *a: jnp.stack(a), *[
+              body(row(old, j), row(rows, j), *shared, kinds=kinds, signals=signals)
+              for j, (kinds, signals) in enumerate(pattern)])
+      if masked:
+        fresh = offset + jnp.arange(size) >= start
+        new = jax.tree.map(
+            lambda n, o: jnp.where(fresh.reshape((size,) + (1,) * (n.ndim - 1)), n, o), new, old)
+      return jax.tree.map(lambda a, n: jax.lax.dynamic_update_slice_in_dim(a, n, offset, 0),
+                          carry, new)
 
-    if num_devices == 1:
-      return local(per_replica, shared, static_arms)
-    # One replica shard: every device holds all replicas, so each replica's arm is static.
-    static = static_arms and self.mesh.shape["replica"] == 1
-    # check_vma=False: psum's transpose is then a psum, which sums every shard's loss terms
-    # into the cotangents of the BatchNorm statistics (the whole batch's gradient).
-    mapped = jax.shard_map(lambda pr, sh: local(pr, sh, static), mesh=self.mesh,
-                           in_specs=specs, out_specs=out_specs, check_vma=False)
-    return mapped(per_replica, shared)
+    if self.mesh.devices.size > 1:
+      # check_vma=False: psum's transpose is then a psum, which sums every shard's loss terms
+      # into the cotangents of the BatchNorm statistics (the whole batch's gradient).
+      local = jax.shard_map(local, mesh=self.mesh, in_specs=(
+          carry_spec, per_replica_specs, shared_specs, P(), P()), out_specs=carry_spec,
+                            check_vma=False)
+    return jax.jit(local, donate_argnums=(0,))
 
-  def _train_step(self, state: TrainState, order, arrays: Mapping[str, jax.Array],
-                  teachers: Teachers | None):
-    """One step of every replica. `order` [R, N] is this epoch's order (`epoch_order`)."""
-    step = state.step
+  def _train_rows(self, carry, rows, step, teachers, *, kinds, signals):
+    params, batch_stats, opt_state, diverged, _ = carry
+    keys, hp, kind_code, signal_code, x, labels, mask = rows
+    return self._replica_update(params, batch_stats, opt_state, keys, diverged, hp, kind_code,
+                                signal_code, x, labels, mask, step, teachers, kinds=kinds,
+                                signals=signals)
+
+  def _predict_rows(self, carry, rows, x, *, kinds, signals):
+    del carry, kinds, signals
+    (variables,) = rows
+    return self.module.apply(variables, x, train=False)
+
+  def _make_step_inputs(self, state: TrainState, order, arrays: Mapping[str, jax.Array]):
+    """This step's batch of every replica (`kdjax.data.train_batch`: its own order and
+    augmentation), a zeroed metrics buffer [R] and the next step number."""
     batch = data_lib.train_batch(
-        arrays, self.spec, state.keys["augment"], step, batch_size=int(self.config.batch_size),
-        order=order, augment_preset=tuple(r.augment for r in self.group.replicas))
-    x, labels, mask = batch[self.spec.input_key], batch["label"], batch["mask"]
+        arrays, self.spec, state.keys["augment"], state.step,
+        batch_size=int(self.config.batch_size), order=order,
+        augment_preset=tuple(r.augment for r in self.group.replicas))
+    metrics = {name: jnp.zeros((self.num_replicas,), jnp.float32)
+               for name in ("loss", "accuracy")}
+    inputs = (batch[self.spec.input_key], batch["label"], batch["mask"])
+    if self.mesh.devices.size > 1:  # laid out as the block programs read them
+      inputs = jax.lax.with_sharding_constraint(
+          inputs, NamedSharding(self.mesh, P("replica", "data")))
+      metrics = jax.lax.with_sharding_constraint(metrics, self.replica_sharding)
+    return inputs, metrics, state.step + 1
 
-    per_replica = (state.params, state.batch_stats, state.opt_state, state.keys, state.diverged,
-                   self.hp, self.kind_codes, self.signal_codes, x, labels, mask)
-    # x, labels and mask (last) have a batch axis, split over 'data'.
-    specs = ((P("replica"),) * (len(per_replica) - 3) + (P("replica", "data"),) * 3, (P(), P()))
-    params, batch_stats, opt_state, diverged, metrics = self._map_replicas(
-        self._replica_update, per_replica, (step, teachers), static_arms=True, specs=specs)
-    new_state = state.replace(step=step + 1, params=params, batch_stats=batch_stats,
-                              opt_state=opt_state, diverged=diverged)
-    return new_state, metrics
+  def train_step(self, state: TrainState, order, arrays: Mapping[str, jax.Array],
+                 teachers: Teachers | None):
+    """One step of every replica: this step's batches, then each block's program in turn,
+    each updating its rows of the state in place. `order` [R, N] is this epoch's order
+    (`epoch_order`). The state's parameters, batch statistics and optimiser state are donated.
+    Returns (the new state, {"loss", "accuracy"} [R] of this step)."""
+    inputs, metrics, next_step = self._step_inputs(state, order, arrays)
+    carry = (state.params, state.batch_stats, state.opt_state, state.diverged, metrics)
+    per_replica = (state.keys, *self._replica_constants, *inputs)
+    for (offset, start), pattern in zip(self._block_args, self._train_patterns):
+      carry = self._program("train", pattern)(carry, per_replica, (state.step, teachers),
+                                              offset, start)
+    params, batch_stats, opt_state, diverged, metrics = carry
+    return state.replace(step=next_step, params=params, batch_stats=batch_stats,
+                         opt_state=opt_state, diverged=diverged), metrics
 
-  def _predict(self, variables, x):
+  def predict(self, variables, x):
     """Logits of every replica on one shared input batch x: [R, B, ...classes]."""
+    out = self._empty_logits(variables, x)
+    for (offset, start), pattern in zip(self._block_args, self._predict_patterns):
+      out = self._program("predict", pattern)(out, (variables,), (x,), offset, start)
+    return out
 
-    def apply(variables, x, *, kinds, signals):
-      del kinds, signals
-      return self.module.apply(variables, x, train=False)
-
-    return self._map_replicas(apply, (variables,), (x,), static_arms=False,
-                              specs=((P("replica"),), (P("data"),)),
-                              out_specs=P("replica", "data"))
+  def _empty_logits(self, variables, x):
+    """A zeroed [R, B, ...classes] buffer laid out as `predict` writes it."""
+    key = ("empty", x.shape, x.dtype)
+    if key not in self._programs:
+      one = jax.eval_shape(lambda v, x: self.module.apply(
+          jax.tree.map(lambda a: a[0], v), x, train=False), variables, x)
+      self._programs[key] = jax.jit(
+          lambda: jnp.zeros((self.num_replicas,) + one.shape, one.dtype),
+          out_shardings=NamedSharding(self.mesh, P("replica", "data")))
+    return self._programs[key]()
 
   # ---------------------------------------------------------------- host-side helpers
 

@@ -31,8 +31,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "A study config file (
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
 
 # Keys that may change between runs of one study (how it is run, not what it is).
-RUN_KEYS = ("stages", "overwrite", "execution", "log_every_steps", "eval_every_steps",
-            "checkpoint_every_steps", "keep_checkpoints", "eval_batch_size", "data_dir", "mesh")
+RUN_KEYS = ("stages", "overwrite", "execution", "replicas_per_block", "log_every_steps",
+            "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints", "eval_batch_size",
+            "data_dir", "mesh")
 STAGE_DIRS = ("teacher", "students", "analysis")
 
 
@@ -145,11 +146,13 @@ def main(argv) -> None:
     fail(f"--config: cannot load the config file: {lines[-1] if lines else type(e).__name__}")
 
   # Import after flag parsing: JAX and TensorFlow take seconds to load, a bad flag should not.
+  from kdjax import compile_cache  # pylint: disable=g-import-not-at-top
   from kdjax import distributed  # pylint: disable=g-import-not-at-top
   try:  # before anything touches a device: the mesh spans every process's devices
     distributed.initialize()
   except ValueError as e:
     fail(str(e))
+  compile_cache.enable()  # before the first compilation (KDJAX_COMPILATION_CACHE=off: none)
   from kdjax import study as study_lib  # pylint: disable=g-import-not-at-top
   from kdjax import preemption  # pylint: disable=g-import-not-at-top
   from kdjax import train  # pylint: disable=g-import-not-at-top

@@ -25,7 +25,7 @@ from kdjax import optim
 from kdjax import replicas as replicas_lib
 
 ALL_STAGES = ("teacher", "students", "analysis")
-EXECUTIONS = ("auto", "vmap", "unrolled")
+EXECUTIONS = ("auto", "vmap", "unrolled", "blocked")
 
 
 class ConfigError(ValueError):
@@ -245,6 +245,8 @@ def resolve(config, *, num_devices: int | None = None) -> Study:
     _int(config, key, low=1)
   _choice(config, "student_init", ("teacher", "fresh"))
   _choice(config, "execution", EXECUTIONS)
+  if "replicas_per_block" in config:
+    _int(config, "replicas_per_block", low=0)
   _choice(config, "optimizer.name", optim.OPTIMIZERS)
   _choice(config, "optimizer.schedule", optim.SCHEDULES)
   _optimizer_numbers(config)

@@ -153,8 +153,10 @@ def run_stage(study: Study, stage: str, workdir: str) -> None:
   where = "" if jax.device_count() == 1 else (
       f"; mesh replica={mesh['replica']} x data={mesh['data']}" +
       (f" over {jax.process_count()} processes" if jax.process_count() > 1 else ""))
+  execution = first.execution if first.execution != "blocked" else \
+      f"blocked, {first.replicas_per_block} per block"
   if primary:
-    print(f"[{stage}] {len(spec_stage.replicas)} replicas ({models}; {first.execution}, "
+    print(f"[{stage}] {len(spec_stage.replicas)} replicas ({models}; {execution}, "
           f"{jax.device_count()} {jax.default_backend()} device(s)), {total} steps{where}",
           flush=True)
   epoch, orders = -1, {}

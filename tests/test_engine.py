@@ -204,13 +204,15 @@ def two_device_jobs(tmp_path_factory, compilation_cache):
              XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
                         " --xla_force_host_platform_device_count=2").strip())
   jobs, workdirs = {}, {}
-  for execution in ("unrolled", "vmap"):
+  # 'blocked' with 2 rows per block over a shard's 3 students: a second block that overlaps the
+  # first, and rows whose arm differs between the shards (selected by code).
+  for execution, more in (("blocked", ["--config.replicas_per_block=2"]), ("vmap", [])):
     base = tmp_path_factory.mktemp(f"two_devices_{execution}")
     workdirs[execution] = str(base / "workdir")
     jobs[execution] = (
         [sys.executable, "-m", "kdjax.main", f"--config={ROOT / 'configs' / 'default.py'}",
          f"--workdir={workdirs[execution]}", "--config.stages=teacher,students",
-         f"--config.execution={execution}", *_cli_flags()],
+         f"--config.execution={execution}", *more, *_cli_flags()],
         base / "log.txt")
   background = _cli.BackgroundJobs(jobs, env, workdirs=workdirs)
   yield background
@@ -224,7 +226,7 @@ def two_device_runs(two_device_jobs):
   for execution, (_, log) in two_device_jobs.jobs.items():
     output = log.read_text() if log.exists() else "(not started)"
     assert returncodes.get(execution) == 0, output[-3000:]
-    assert f"; {execution}, 2 cpu device(s))" in output, output[-3000:]
+    assert f"; {execution}" in output and "2 cpu device(s))" in output, output[-3000:]
   return two_device_jobs.workdirs
 
 
@@ -393,12 +395,12 @@ UNROLLED_ARMS = ("label_smoothing", "ensemble_kd", "ensemble_standardized_kd", "
 ALPHA, TEMPERATURE, RCD_RANGE = 0.3, 2.0, (-1.0, 2.0)
 
 
-def _arms_study(execution: str = "auto", arms=ALL_ARMS):
+def _arms_study(execution: str = "auto", arms=ALL_ARMS, **overrides):
   """Each arm once (seed 0, so teacher 0), alpha 0.3, T = 2, noise in U[-1, 2)."""
   return study_lib.resolve(_config(
       arms=",".join(arms), num_seeds=1, alpha=str(ALPHA), temperature=str(TEMPERATURE),
       arm_options__rcd_minval=RCD_RANGE[0], arm_options__rcd_maxval=RCD_RANGE[1],
-      execution=execution))
+      execution=execution, **overrides))
 
 
 def _reference_loss(arm: str, params, teacher_vars, x, y, *, step: int, seed: int, teacher: int,
@@ -462,15 +464,16 @@ def _teacher_variables(teachers) -> list[dict]:
   return [{"params": _row(teachers.variables["params"], j)} for j in range(2)]
 
 
-@pytest.mark.parametrize("execution,arms", [("unrolled", UNROLLED_ARMS), ("vmap", ALL_ARMS)],
-                         ids=["unrolled", "vmap"])
+@pytest.mark.parametrize("execution,arms", [("blocked", UNROLLED_ARMS), ("vmap", ALL_ARMS)],
+                         ids=["blocked", "vmap"])
 def test_each_arm_trains_on_the_loss_kdjax_losses_defines(execution, arms, teachers):
   """One engine step per arm against a manual step on the same batch: the logged loss and the
   updated parameters (p - lr (grad + wd p): the first SGD-momentum step, cosine factor 1) at
   step 0, and the loss at step 9, whose batch is padded (46 real examples of 128). Both
   executions meet the same reference, so 'vmap' (every loss kind and teacher signal computed,
-  one selected per replica) and 'unrolled' (each replica's arm static) agree."""
-  study = _arms_study(execution, arms)
+  one selected per replica) and 'blocked' (each replica's arm static; 3 rows per block over 8
+  replicas, so the last block overlaps the one before it) agree."""
+  study = _arms_study(execution, arms, replicas_per_block=3)
   engine = _engine(study, "students")
   assert engine.execution == execution
   assert [r.arm for r in study.students.replicas] == list(arms)
@@ -628,7 +631,7 @@ def test_checkpoint_restart_gives_the_same_final_state(study, workdir_a, teacher
 # ---------------------------------------------------------------- 7. two devices
 
 
-@pytest.mark.parametrize("execution", ["unrolled", "vmap"])
+@pytest.mark.parametrize("execution", ["blocked", "vmap"])
 def test_two_devices_give_the_results_of_one(execution, study, workdir_a, two_device_runs,
                                              teacher_final, students_final):
   """`python -m kdjax.main` on 2 CPU devices (replica axis sharded with shard_map) ends where
