@@ -346,6 +346,11 @@ def isats_temperature(teacher_logits, labels, *, target_temperature: Scalar,
   against their spread, which shrinks), so a grid finds the global maximum up to its spacing.
   Default grid: `ISATS_TEMPERATURES`, 1.0 to 5.0 in steps of 0.1. Ties go to the first grid
   value. Returns `teacher_logits.shape[:-1]` temperatures; no gradient flows.
+
+  Known limit: with tau_1 fixed, the variance grows as tau_2 falls unless the non-target logits
+  are strongly negative, so the grid's lower end can decide: on kdjax's digits smoke teachers
+  (configs/capacity_mismatch.py) tau_2 = 1 wins for every example and ISATS equals ATS with
+  (tau_1, 1). Check the chosen temperatures (this function) before reading ISATS results.
   """
   _checks.check_labels_shape("teacher_logits", teacher_logits, "labels", labels)
   _check_temperature("target_temperature", target_temperature)
