@@ -1,4 +1,7 @@
-"""Tests of kdjax.data against independent numpy references; no network, no downloads."""
+"""Tests of kdjax.data against independent numpy references; no network, no downloads.
+
+The built-in datasets (digits, synthetic) and npz: load without TensorFlow; their tests run
+where TFDS is not installed. The TFDS builders and TFDS names are tested where it is."""
 
 from __future__ import annotations
 
@@ -14,7 +17,12 @@ import pytest
 from kdjax import data
 from kdjax.data import pipeline, synthetic
 
-tfds = pytest.importorskip("tensorflow_datasets")
+try:
+  import tensorflow_datasets as tfds
+except ImportError:  # the TF-free tests still run
+  tfds = None
+needs_tfds = pytest.mark.skipif(tfds is None, reason="tensorflow_datasets is not installed")
+
 
 def _sk_digits():
   from sklearn.datasets import load_digits
@@ -35,14 +43,8 @@ def no_network(monkeypatch):
 # ------------------------------------------------------------------------------------ digits
 
 
-def test_digits_builds_offline_from_empty_tfds_data_dir(tmp_path, monkeypatch, no_network):
-  monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
-  train, test = data.load("digits", "train"), data.load("digits", "test")
-  assert (tmp_path / "digits" / "1.0.0" / "dataset_info.json").exists()
-  assert train["image"].shape == (1198, 8, 8, 1) and test["image"].shape == (599, 8, 8, 1)
-  assert train["image"].dtype == np.uint8 and train["label"].dtype == np.int32
-
-  # Independent reference: the documented split rule and rescaling, redone in numpy.
+def _digits_reference() -> dict[str, dict[str, np.ndarray]]:
+  """Independent reference: the documented split rule and rescaling, redone in numpy."""
   images, labels = _sk_digits()
   rng = np.random.RandomState(0)
   is_test = np.zeros(len(labels), bool)
@@ -50,12 +52,25 @@ def test_digits_builds_offline_from_empty_tfds_data_dir(tmp_path, monkeypatch, n
     idx = np.flatnonzero(labels == c)
     is_test[idx[rng.permutation(len(idx))[:int(round(len(idx) / 3))]]] = True
   expected = np.round(images * 255 / 16).astype(np.uint8)[..., None]
-  np.testing.assert_array_equal(test["image"], expected[is_test])
-  np.testing.assert_array_equal(test["label"], labels[is_test])
-  np.testing.assert_array_equal(train["image"], expected[~is_test])
+  return {"train": {"image": expected[~is_test], "label": labels[~is_test]},
+          "test": {"image": expected[is_test], "label": labels[is_test]}}
+
+
+def test_digits_loads_as_numpy_without_tfds(tmp_path, monkeypatch, no_network):
+  monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
+  train, test = data.load("digits", "train"), data.load("digits", "test")
+  assert list(tmp_path.iterdir()) == []  # nothing prepared: the built-in path has no TFDS
+  assert set(train) == set(test) == {"image", "label"}
+  assert train["image"].shape == (1198, 8, 8, 1) and test["image"].shape == (599, 8, 8, 1)
+  assert train["image"].dtype == np.uint8 and train["label"].dtype == np.int32
+
+  ref = _digits_reference()
+  for split, got in (("train", train), ("test", test)):
+    np.testing.assert_array_equal(got["image"], ref[split]["image"])
+    np.testing.assert_array_equal(got["label"], ref[split]["label"])
   # Stratified: each class has round(n_c / 3) test examples.
   np.testing.assert_array_equal(np.bincount(test["label"], minlength=10),
-                                np.round(np.bincount(labels) / 3).astype(int))
+                                np.round(np.bincount(_sk_digits()[1]) / 3).astype(int))
 
   # The documented normalisation constants are the train split's statistics.
   spec = data.spec("digits")
@@ -63,14 +78,43 @@ def test_digits_builds_offline_from_empty_tfds_data_dir(tmp_path, monkeypatch, n
   np.testing.assert_allclose(spec.mean, [x.mean()], atol=1e-4)
   np.testing.assert_allclose(spec.std, [x.std()], atol=1e-4)
   assert not spec.flip and spec.crop_padding == 1
+  with pytest.raises(ValueError, match="split must be one of 'train', 'test'"):
+    data.load("digits", "validation")
 
-  # A second load reuses the prepared files instead of preparing again.
-  from kdjax.data import digits
 
+def _prepare_offline(builder):
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+
+
+def _builder_arrays(builder, split) -> dict[str, np.ndarray]:
+  return tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False, batch_size=-1))
+
+
+@needs_tfds
+def test_digits_tfds_builder_prepares_offline_the_same_arrays(tmp_path, monkeypatch, no_network):
+  from kdjax.data import builders, digits
+  assert digits.Digits is builders.Digits  # the old name still resolves
+  _prepare_offline(builders.Digits(data_dir=str(tmp_path)))
+  assert (tmp_path / "digits" / "1.0.0" / "dataset_info.json").exists()
+  ref = _digits_reference()
+  # Registered under its TFDS name once kdjax.data.builders is imported.
+  registered = tfds.builder("digits", data_dir=str(tmp_path))
+  assert isinstance(registered, builders.Digits)
+  for split in ("train", "test"):
+    got = _builder_arrays(registered, split)
+    assert set(got) == {"image", "label"} and got["image"].dtype == np.uint8
+    np.testing.assert_array_equal(got["image"], ref[split]["image"])
+    np.testing.assert_array_equal(got["label"], ref[split]["label"])
+
+  # A second builder reuses the prepared files instead of preparing again.
   def fail(*args, **kwargs):
     raise AssertionError("digits was prepared twice")
-  monkeypatch.setattr(digits.Digits, "_generate_examples", fail)
-  np.testing.assert_array_equal(data.load("digits", "test")["image"], test["image"])
+  monkeypatch.setattr(builders.Digits, "_generate_examples", fail)
+  again = builders.Digits(data_dir=str(tmp_path))
+  assert again.is_prepared()
+  _prepare_offline(again)
+  np.testing.assert_array_equal(_builder_arrays(again, "test")["image"], ref["test"]["image"])
 
 
 # --------------------------------------------------------------------------------- synthetic
@@ -109,16 +153,23 @@ def test_synthetic_generate_structure_noise_and_spectrum():
   assert not np.allclose(other["vector"], tr["vector"])
 
 
-def test_synthetic_name_syntax_builder_and_errors(tmp_path):
-  name = ("synthetic:classes=6,superclasses=2,dim=12,n_train=3000,n_test=600,separation=6,"
-          "class_separation=1,decay=1,label_noise=0.2,seed=3")
-  assert synthetic.parse(name.split(":", 1)[1]) == PARAMS
-  loaded = data.load(name, "train", data_dir=str(tmp_path))
-  ref = synthetic.generate(PARAMS, "train")
-  assert set(loaded) == set(ref)
-  for k in ref:
-    np.testing.assert_array_equal(loaded[k], ref[k])
-  spec = data.spec(name)
+SYNTHETIC_NAME = ("synthetic:classes=6,superclasses=2,dim=12,n_train=3000,n_test=600,"
+                  "separation=6,class_separation=1,decay=1,label_noise=0.2,seed=3")
+
+
+def test_synthetic_name_syntax_load_and_errors(tmp_path, monkeypatch):
+  monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
+  assert synthetic.parse(SYNTHETIC_NAME.split(":", 1)[1]) == PARAMS
+  for split, n in (("train", 3000), ("test", 600)):
+    loaded = data.load(SYNTHETIC_NAME, split)
+    assert set(loaded) == {"vector", "label", "clean_label", "superclass"}
+    assert loaded["vector"].dtype == np.float32 and loaded["vector"].shape == (n, 12)
+    assert all(loaded[k].dtype == np.int32 for k in ("label", "clean_label", "superclass"))
+    ref = synthetic.generate(PARAMS, split)  # checked against the model above
+    for k in ref:
+      np.testing.assert_array_equal(loaded[k], ref[k])
+  assert list(tmp_path.iterdir()) == []  # nothing prepared: the built-in path has no TFDS
+  spec = data.spec(SYNTHETIC_NAME)
   assert (spec.num_classes, spec.modality, spec.input_shape) == (6, "vector", (12,))
   with pytest.raises(ValueError, match="KEY one of"):
     synthetic.parse("clases=3")
@@ -128,6 +179,40 @@ def test_synthetic_name_syntax_builder_and_errors(tmp_path):
     synthetic.parse("label_noise=1.5")
   with pytest.raises(ValueError, match="dim must be an integer"):
     synthetic.parse("dim=2.5")
+  with pytest.raises(ValueError, match="split must be one of 'train', 'test'"):
+    data.load(SYNTHETIC_NAME, "validation")
+
+
+@needs_tfds
+def test_synthetic_tfds_builder_prepares_offline_the_same_arrays(tmp_path, monkeypatch,
+                                                                  no_network):
+  from kdjax.data import builders
+  assert synthetic.Synthetic is builders.Synthetic  # the old names still resolve
+  assert synthetic.config_for is builders.config_for
+  for params in (PARAMS, synthetic.SyntheticParams(n_train=50, n_test=20)):
+    builder = builders.Synthetic(data_dir=str(tmp_path), config=builders.config_for(params))
+    _prepare_offline(builder)
+    assert (tmp_path / "synthetic" / params.config_name / "1.0.0").is_dir()
+    for split in ("train", "test"):
+      got = _builder_arrays(builder, split)
+      want = data.load(f"synthetic:{','.join(f'{k}={v}' for k, v in vars(params).items())}",
+                       split)
+      assert set(got) == set(want)
+      for k in want:  # same values; TFDS keeps int64 labels where kdjax.data gives int32
+        np.testing.assert_array_equal(got[k], want[k])
+      assert got["vector"].dtype == np.float32
+  # The default parameters are the registered config.
+  assert builders.config_for(synthetic.SyntheticParams()) == \
+      synthetic.SyntheticParams().config_name
+
+  def fail(*args, **kwargs):
+    raise AssertionError("synthetic was prepared twice")
+  monkeypatch.setattr(builders.Synthetic, "_generate_examples", fail)
+  again = builders.Synthetic(data_dir=str(tmp_path), config=builders.config_for(PARAMS))
+  assert again.is_prepared()
+  _prepare_offline(again)
+  np.testing.assert_array_equal(_builder_arrays(again, "test")["label"],
+                                data.load(SYNTHETIC_NAME, "test")["label"])
 
 
 # ------------------------------------------------------------------------ bring your own data
@@ -159,6 +244,7 @@ def test_npz_images_and_vectors(tmp_path):
     data.load(f"npz:{tmp_path / 'bad.npz'}", "train")
 
 
+@needs_tfds
 def test_image_folder(tmp_path):
   from PIL import Image
   rng = np.random.default_rng(1)
@@ -182,6 +268,7 @@ IMAGE_CASES = {"cifar10": ((32, 32, 3), 10), "cifar100": ((32, 32, 3), 100),
                "fashion_mnist": ((28, 28, 1), 10)}
 
 
+@needs_tfds
 @pytest.mark.parametrize("name", sorted(IMAGE_CASES))
 def test_mocked_image_datasets(name, no_network):
   shape, classes = IMAGE_CASES[name]
@@ -201,6 +288,7 @@ def _mock_examples(name, n):
     return list(tfds.as_numpy(tfds.load(name, split="train")))
 
 
+@needs_tfds
 def test_mocked_speech_commands(no_network):
   with tfds.testing.mock_data(num_examples=4):
     out = data.load("speech_commands", "train")
@@ -214,6 +302,7 @@ def test_mocked_speech_commands(no_network):
   assert data.spec("speech_commands").input_shape == (16000, 1)
 
 
+@needs_tfds
 def test_mocked_tiny_shakespeare_windows(no_network):
   with tfds.testing.mock_data(num_examples=3):
     out = data.load("tiny_shakespeare:length=7", "train")
@@ -228,6 +317,7 @@ def test_mocked_tiny_shakespeare_windows(no_network):
   assert spec.sequence_labels and spec.num_classes == spec.vocab_size == 66
 
 
+@needs_tfds
 @pytest.mark.parametrize("name,length", [("imdb_reviews", 12), ("ag_news_subset", 40)])
 def test_mocked_byte_level_text(name, length, no_network):
   with tfds.testing.mock_data(num_examples=5):
@@ -241,6 +331,7 @@ def test_mocked_byte_level_text(name, length, no_network):
   assert data.spec(name).vocab_size == 256
 
 
+@needs_tfds
 def test_tiny_imagenet_directory(tmp_path, no_network):
   from PIL import Image
   root = tmp_path / "downloads" / "manual" / "tiny-imagenet-200"
@@ -274,6 +365,7 @@ def test_tiny_imagenet_directory(tmp_path, no_network):
     data.load("tiny_imagenet", "train", data_dir=str(tmp_path / "empty"))
 
 
+@needs_tfds
 def test_unprepared_dataset_fails_fast_with_the_command(tmp_path, monkeypatch, no_network):
   start = time.perf_counter()
   with pytest.raises(data.DatasetNotAvailableError) as err:

@@ -4,15 +4,19 @@
   spec = kdjax.data.spec("digits")              # DatasetSpec: classes, shapes, normalisation
   kdjax.data.available()                        # the names `load` understands
 
-Names (see `available()`): TFDS names (cifar10, cifar100, svhn_cropped, mnist, fashion_mnist,
-speech_commands, tiny_shakespeare, imdb_reviews, ag_news_subset), kdjax's own offline builders
-`digits` and `synthetic[:key=value,...]`, `tiny_imagenet` (from a `tiny-imagenet-200/`
-directory), and bring-your-own `npz:PATH` and `image_folder:PATH`. Data live in `data_dir`, else
-$TFDS_DATA_DIR, else ~/tensorflow_datasets. kdjax never downloads: a dataset that is not prepared
-raises DatasetNotAvailableError with the command that prepares it.
+Names (see `available()`): kdjax's built-in offline datasets `digits` and
+`synthetic[:key=value,...]` and bring-your-own `npz:PATH`, all loaded as numpy arrays without
+TensorFlow; TFDS names (cifar10, cifar100, svhn_cropped, mnist, fashion_mnist, speech_commands,
+tiny_shakespeare, imdb_reviews, ag_news_subset), `tiny_imagenet` (from a `tiny-imagenet-200/`
+directory) and `image_folder:PATH`, read through TensorFlow Datasets. TFDS data live in
+`data_dir`, else $TFDS_DATA_DIR, else ~/tensorflow_datasets. kdjax never downloads: a dataset that
+is not prepared raises DatasetNotAvailableError with the command that prepares it, and a TFDS name
+where tensorflow / tensorflow_datasets are not installed raises it saying what to install.
 
-Importing this package is cheap: TensorFlow/TFDS load on the first `load`/`spec` call. The
-pipeline functions (pure JAX, see kdjax.data.pipeline) are re-exported here; a training loop:
+Importing this package is cheap, and TensorFlow/TFDS are imported only when a TFDS name is loaded
+(`kdjax.data.builders` holds the TFDS builders of digits, synthetic and tiny_imagenet; importing
+it registers them with TFDS). The pipeline functions (pure JAX, see kdjax.data.pipeline) are
+re-exported here; a training loop:
 
   arrays = kdjax.data.to_device(kdjax.data.load(name, "train"))      # once
   order = kdjax.data.epoch_order(data_keys, epoch, n)                # once per epoch, [R, N]
@@ -86,7 +90,8 @@ def load(name: str, split: str, *, data_dir: str | None = None) -> dict[str, np.
 
 
 def spec(name: str, *, data_dir: str | None = None) -> DatasetSpec:
-  """The DatasetSpec of `name` (for npz:/image_folder: computed from their train split)."""
+  """The DatasetSpec of `name` (for npz:/image_folder: computed from their train split). Needs
+  TensorFlow only where `load(name, ...)` does (image_folder:)."""
   from kdjax.data import sources  # pylint: disable=g-import-not-at-top
   return sources.spec(name, data_dir=data_dir)
 

@@ -1,9 +1,10 @@
-"""TFDS builder `digits`: scikit-learn's bundled 8x8 handwritten digits, prepared offline.
+"""Dataset `digits`: scikit-learn's bundled 8x8 handwritten digits, offline, without TensorFlow.
 
 The data ship inside scikit-learn (`sklearn/datasets/data/digits.csv.gz`, the test set of the UCI
 "Optical Recognition of Handwritten Digits" data, Alpaydin & Kaynak 1998): 1797 images of 8x8
-pixels with integer intensities 0..16, 10 classes. Preparing needs no network, so kdjax's default
-study runs anywhere.
+pixels with integer intensities 0..16, 10 classes. Loading needs no network and no TensorFlow
+(`kdjax.data.load("digits", split)` is `arrays(split)` with int32 labels), so kdjax's default study
+runs anywhere. The TFDS builder of the same data is `kdjax.data.builders.Digits`.
 
 Stored form: `image` uint8 [8, 8, 1] with value round(v * 255 / 16) for the sklearn intensity
 v in 0..16 (so 16 -> 255, 1 -> 16), `label` int in 0..9.
@@ -21,9 +22,7 @@ from __future__ import annotations
 import hashlib
 import logging
 
-from etils import epath
 import numpy as np
-import tensorflow_datasets as tfds
 
 SPLIT_SEED = 0
 NUM_CLASSES = 10
@@ -72,34 +71,9 @@ def arrays(split: str) -> dict[str, np.ndarray]:
   return {"image": images, "label": labels[idx].astype(np.int64)}
 
 
-class Digits(tfds.core.GeneratorBasedBuilder):
-  """scikit-learn's 8x8 digits with kdjax's fixed stratified split (see the module docstring)."""
-
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "sklearn digits, uint8 0..255, stratified split with seed 0."}
-  # TFDS 4.9.10 finds a builder's source through `importlib_resources`, which it does not declare
-  # (tensorflow/datasets#11212); naming the file directly avoids that import.
-  code_path = epath.Path(__file__)
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description="scikit-learn's 8x8 handwritten digits (UCI optdigits test set).",
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=IMAGE_SHAPE),
-            "label": tfds.features.ClassLabel(num_classes=NUM_CLASSES),
-        }),
-        supervised_keys=("image", "label"),
-        homepage="https://scikit-learn.org/stable/datasets/toy_dataset.html#digits-dataset",
-        # Keep file order so the prepared split matches `arrays(split)` example for example.
-        disable_shuffling=True,
-    )
-
-  def _split_generators(self, dl_manager):
-    del dl_manager  # Nothing to download: the data ship inside scikit-learn.
-    return {"train": self._generate_examples("train"), "test": self._generate_examples("test")}
-
-  def _generate_examples(self, split):
-    data = arrays(split)
-    for i, (image, label) in enumerate(zip(data["image"], data["label"])):
-      yield i, {"image": image, "label": int(label)}
+def __getattr__(name: str):
+  """`digits.Digits`, the TFDS builder, now lives in kdjax.data.builders (imports TFDS)."""
+  if name == "Digits":
+    from kdjax.data import builders  # pylint: disable=g-import-not-at-top
+    return builders.Digits
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

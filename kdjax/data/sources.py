@@ -1,4 +1,10 @@
-"""Dataset names -> in-memory numpy arrays, through TFDS; never downloads.
+"""Dataset names -> in-memory numpy arrays; never downloads.
+
+Which names need TensorFlow: `digits` and `synthetic[:...]` load straight from kdjax.data.digits /
+kdjax.data.synthetic and `npz:` with numpy, none of them importing TensorFlow. TFDS catalogue
+names, `tiny_imagenet` and `image_folder:` read through TensorFlow Datasets, imported on their
+first use; where tensorflow or tensorflow_datasets is not installed they raise
+DatasetNotAvailableError saying what to install (`TFDS_INSTALL`).
 
 Data directory: the `data_dir` argument, else $TFDS_DATA_DIR (read at call time), else
 ~/tensorflow_datasets.
@@ -39,7 +45,6 @@ import os
 
 from etils import epath
 import numpy as np
-import tensorflow_datasets as tfds
 
 from kdjax import _checks
 from kdjax.data import DatasetNotAvailableError, DatasetSpec, digits, synthetic
@@ -48,6 +53,7 @@ SHAKESPEARE_CHARS = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrs
 AUDIO_SAMPLES = 16000
 TEXT_LENGTH = {"tiny_shakespeare": 128, "imdb_reviews": 512, "ag_news_subset": 256}
 TINY_IMAGENET_DIR = "tiny-imagenet-200"
+TFDS_INSTALL = "pip install tensorflow-cpu tensorflow-datasets"
 
 _SPECS = {
     # CIFAR/SVHN/MNIST statistics: per-channel mean and population std of the train split after
@@ -153,23 +159,36 @@ def load(name: str, split: str, *, data_dir: str | None = None) -> dict[str, np.
     raise ValueError(f"split must be a non-empty string such as 'train' or 'test', got {split!r}")
   if base == "npz":
     out = _load_npz(arg, split)
+  elif base == "digits":
+    _checks.check_choice("split", split, ("train", "test"))
+    out = digits.arrays(split)
+  elif base == "synthetic":
+    params = synthetic.parse(arg)
+    out = synthetic.generate(params, split)
   elif base == "image_folder":
-    out = _load_image_folder(arg, split)
+    out = _load_image_folder(name, arg, split)
   else:
-    _hide_gpus_from_tensorflow()
     data_dir = resolve_data_dir(data_dir)
-    if base == "digits":
-      out = _load_builder(digits.Digits(data_dir=data_dir), split)
-    elif base == "synthetic":
-      params = synthetic.parse(arg)
-      out = _load_builder(synthetic.Synthetic(data_dir=data_dir,
-                                              config=synthetic.config_for(params)), split)
-    elif base == "tiny_imagenet":
+    if base == "tiny_imagenet":
       out = _load_tiny_imagenet(data_dir, split)
     else:
       out = _load_tfds(base, arg, split, data_dir)
   return {k: v.astype(np.int32) if "label" in k or k in ("text", "superclass") else v
           for k, v in out.items()}
+
+
+def tfds_module(name: str):
+  """tensorflow_datasets, imported now (seconds: it loads TensorFlow), with TensorFlow kept off
+  the accelerators; DatasetNotAvailableError naming `name` and what to install if either is
+  missing."""
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    _hide_gpus_from_tensorflow()
+  except ImportError as e:
+    raise DatasetNotAvailableError(
+        f"dataset {name!r} is read through TensorFlow Datasets, which is not installed here "
+        f"({e}); install it with: {TFDS_INSTALL}") from None
+  return tfds
 
 
 @functools.cache
@@ -195,6 +214,7 @@ def _as_numpy(dataset, keys=None) -> dict[str, np.ndarray]:
   `info.splits.total_num_examples or sys.maxsize` and so aborts TF 2.21 under
   `tfds.testing.mock_data` (no split metadata).
   """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (tfds_module ran)
   if keys is not None:
     dataset = dataset.map(lambda ex: {k: ex[k] for k in keys if k in ex})
   parts = list(tfds.as_numpy(dataset.batch(4096)))
@@ -203,16 +223,9 @@ def _as_numpy(dataset, keys=None) -> dict[str, np.ndarray]:
   return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def _load_builder(builder, split: str) -> dict[str, np.ndarray]:
-  """Loads a kdjax-defined builder, preparing it first (offline) if needed."""
-  if not builder.is_prepared():
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-  return _as_numpy(builder.as_dataset(split=split, shuffle_files=False))
-
-
 def _load_tfds(base: str, arg: str, split: str, data_dir: str) -> dict[str, np.ndarray]:
   """Loads a catalogue TFDS dataset that must already be prepared in data_dir."""
+  tfds = tfds_module(base)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   builder = tfds.builder(base, data_dir=data_dir)
   try:
@@ -279,12 +292,12 @@ def _load_npz(path: str, split: str) -> dict[str, np.ndarray]:
                    f"got {x.dtype} {x.shape}")
 
 
-def _load_image_folder(path: str, split: str) -> dict[str, np.ndarray]:
+def _load_image_folder(name: str, path: str, split: str) -> dict[str, np.ndarray]:
   root = os.path.expanduser(path)
   if not os.path.isdir(os.path.join(root, split)):
     raise DatasetNotAvailableError(f"image folder {os.path.join(root, split)} not found; "
                                    f"expected {root}/<split>/<class>/<image files>")
-  _hide_gpus_from_tensorflow()
+  tfds = tfds_module(name)
   builder = tfds.folder_dataset.ImageFolder(root)
   out = _as_numpy(builder.as_dataset(split=split, shuffle_files=False))
   order = np.argsort(out["image/filename"])  # ImageFolder shuffles; file order is reproducible.
@@ -300,7 +313,9 @@ def tiny_imagenet_root(data_dir: str) -> epath.Path | None:
 
 
 def _load_tiny_imagenet(data_dir: str, split: str) -> dict[str, np.ndarray]:
-  builder = TinyImagenet(data_dir=data_dir)
+  tfds = tfds_module("tiny_imagenet")
+  from kdjax.data import builders  # pylint: disable=g-import-not-at-top  (registers, needs tfds)
+  builder = builders.TinyImagenet(data_dir=data_dir)
   if not builder.is_prepared():
     root = tiny_imagenet_root(data_dir)
     if root is None:
@@ -312,49 +327,3 @@ def _load_tiny_imagenet(data_dir: str, split: str) -> dict[str, np.ndarray]:
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
         manual_dir=os.fspath(root.parent), try_download_gcs=False))
   return _as_numpy(builder.as_dataset(split=split, shuffle_files=False))
-
-
-class TinyImagenet(tfds.core.GeneratorBasedBuilder):
-  """TinyImageNet (200 classes, 64x64 RGB) from its standard `tiny-imagenet-200/` layout."""
-
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "train and val (as test) of tiny-imagenet-200."}
-  MANUAL_DOWNLOAD_INSTRUCTIONS = (
-      f"Unzip http://cs231n.stanford.edu/tiny-imagenet-200.zip so that {TINY_IMAGENET_DIR}/ is in "
-      "the manual directory (DATA_DIR/downloads/manual by default).")
-  # TFDS 4.9.10 finds a builder's source through `importlib_resources`, which it does not declare
-  # (tensorflow/datasets#11212); naming the file directly avoids that import.
-  code_path = epath.Path(__file__)
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description="Tiny ImageNet: 200 ImageNet classes at 64x64; test is the labelled val set.",
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(64, 64, 3)),
-            "label": tfds.features.ClassLabel(num_classes=200),
-        }),
-        supervised_keys=("image", "label"),
-        homepage="http://cs231n.stanford.edu/",
-        disable_shuffling=True,
-    )
-
-  def _split_generators(self, dl_manager):
-    root = epath.Path(dl_manager.manual_dir) / TINY_IMAGENET_DIR
-    wnids = sorted((root / "wnids.txt").read_text().split())
-    label = {w: i for i, w in enumerate(wnids)}
-    train = [(p, label[w]) for w in wnids
-             for p in sorted((root / "train" / w / "images").glob("*.JPEG"))]
-    test = []
-    for line in (root / "val" / "val_annotations.txt").read_text().splitlines():
-      if line.strip():
-        fname, wnid = line.split("\t")[:2]
-        test.append((root / "val" / "images" / fname, label[wnid]))
-    return {"train": self._generate_examples(train), "test": self._generate_examples(sorted(test))}
-
-  def _generate_examples(self, items):
-    from PIL import Image  # pylint: disable=g-import-not-at-top
-    for i, (path, label) in enumerate(items):
-      with path.open("rb") as f:
-        image = np.asarray(Image.open(f).convert("RGB"))
-      yield i, {"image": image, "label": label}

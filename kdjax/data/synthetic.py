@@ -1,4 +1,4 @@
-"""TFDS builder `synthetic`: Gaussian classes grouped into superclasses, with a known covariance.
+"""Dataset `synthetic`: Gaussian classes grouped into superclasses, with a known covariance.
 
 Made for the linear-model theory experiments of Nagarajan et al., "On student-teacher deviations
 in distillation: does it pay to disobey?" (arXiv 2301.12923): class similarity (classes of one
@@ -27,16 +27,15 @@ policy): stream 0 the means, 1 the train split, 2 the test split, 3 the label no
 n_test leaves the train split unchanged.
 
 Examples: `vector` float32 [D], `label`, `clean_label` int in 0..C-1, `superclass` (of the clean
-label) int in 0..S-1.
+label) int in 0..S-1. `kdjax.data.load` returns `generate(params, split)` (labels as int32), without
+TensorFlow; the TFDS builder of the same data is `kdjax.data.builders.Synthetic`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from etils import epath
 import numpy as np
-import tensorflow_datasets as tfds
 
 from kdjax import _checks
 
@@ -134,51 +133,10 @@ def generate(params: SyntheticParams, split: str) -> dict[str, np.ndarray]:
           "superclass": superclass_of(params)[clean].astype(np.int64)}
 
 
-@dataclasses.dataclass(eq=False)
-class SyntheticConfig(tfds.core.BuilderConfig):
-  """A TFDS BuilderConfig carrying SyntheticParams; its name is `params.config_name`."""
-  params: SyntheticParams = dataclasses.field(default_factory=SyntheticParams)
-
-
-def config_for(params: SyntheticParams) -> SyntheticConfig | str:
-  """The config to pass to `Synthetic(config=...)`: the registered one's name, else a new config."""
-  if params.config_name in Synthetic.builder_configs:
-    return params.config_name
-  return SyntheticConfig(name=params.config_name, params=params,
-                         description="superclass Gaussian data (custom parameters)")
-
-
-class Synthetic(tfds.core.GeneratorBasedBuilder):
-  """Superclass Gaussian classification data (see the module docstring)."""
-
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Superclass Gaussians with a power-law within-class spectrum."}
-  BUILDER_CONFIGS = [SyntheticConfig(name=SyntheticParams().config_name,
-                                     description="superclass Gaussian data (defaults)")]
-  # TFDS 4.9.10 finds a builder's source through `importlib_resources`, which it does not declare
-  # (tensorflow/datasets#11212); naming the file directly avoids that import.
-  code_path = epath.Path(__file__)
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    p = self.builder_config.params
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description=__doc__.split("\n\n")[0],
-        features=tfds.features.FeaturesDict({
-            "vector": tfds.features.Tensor(shape=(p.dim,), dtype=np.float32),
-            "label": tfds.features.ClassLabel(num_classes=p.classes),
-            "clean_label": tfds.features.ClassLabel(num_classes=p.classes),
-            "superclass": tfds.features.ClassLabel(num_classes=p.superclasses),
-        }),
-        supervised_keys=("vector", "label"),
-        disable_shuffling=True,
-    )
-
-  def _split_generators(self, dl_manager):
-    del dl_manager  # Generated locally.
-    return {s: self._generate_examples(s) for s in ("train", "test")}
-
-  def _generate_examples(self, split):
-    data = generate(self.builder_config.params, split)
-    for i in range(len(data["label"])):
-      yield i, {k: v[i] for k, v in data.items()}
+def __getattr__(name: str):
+  """The TFDS builder `Synthetic`, `SyntheticConfig` and `config_for` now live in
+  kdjax.data.builders (which imports TFDS)."""
+  if name in ("Synthetic", "SyntheticConfig", "config_for"):
+    from kdjax.data import builders  # pylint: disable=g-import-not-at-top
+    return getattr(builders, name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
