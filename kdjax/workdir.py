@@ -9,9 +9,9 @@ array data itself, through TensorStore's `gcs` driver. Paths stay strings; a loc
 exactly as with `os` and `open`.
 
 What differs on an object store:
-  * writers that want a local file (matplotlib, numpy's savez, TensorFlow's event writer) write
-    into a local staging directory that is copied into the workdir (`staged_dir`,
-    `summary_writer`);
+  * writers that want a local file (matplotlib, numpy's savez, kdjax.summaries' TensorBoard
+    event writer) write into a local staging directory that is copied into the workdir
+    (`staged_dir`, `summary_writer`);
   * the lock: an fcntl lock on local disks; on an object store a lock object created only if
     absent (a conditional write, GCS `ifGenerationMatch`) and refreshed by a heartbeat
     (`ObjectLock`).
@@ -153,16 +153,17 @@ def staged_dir(directory: str) -> Iterator[str]:
 
 
 def summary_writer(logdir: str):
-  """clu's TensorBoard `SummaryWriter` for `logdir`. For an object store the events are written
-  to a local staging directory and copied into `logdir` on `flush`, `close` and at most every
-  MIRROR_EVERY_S seconds while scalars arrive (an object cannot be appended to: TensorFlow's own
-  GCS writer also uploads the whole file on each flush)."""
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top  (TensorFlow: slow)
+  """A TensorBoard scalar writer for `logdir` (kdjax.summaries.SummaryWriter, no TensorFlow).
+  For an object store the events are written to a local staging directory and copied into
+  `logdir` on `flush`, `close` and at most every MIRROR_EVERY_S seconds while scalars arrive (an
+  object cannot be appended to: TensorFlow's own GCS writer also uploads the whole file on each
+  flush)."""
+  from kdjax import summaries  # pylint: disable=g-import-not-at-top  (only stages that log)
 
   if is_local(logdir):
-    return metric_writers.SummaryWriter(logdir)
+    return summaries.SummaryWriter(logdir)
 
-  class MirroredSummaryWriter(metric_writers.SummaryWriter):
+  class MirroredSummaryWriter(summaries.SummaryWriter):
     """Events in a local directory, mirrored into the object-store `logdir`."""
 
     def __init__(self):
