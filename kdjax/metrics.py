@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 
-import clu.metrics as clu_metrics
 import flax
 import jax
 import jax.numpy as jnp
@@ -502,23 +501,54 @@ def expected_calibration_error(logits, labels, *, num_bins: int = ECE_NUM_BINS,
 
 
 # ------------------------------------------------------------------------------------------------
-# Streaming accumulator (clu.metrics).
+# Streaming accumulator: per-batch states of sums and counts, merged by addition (the design of
+# clu.metrics, written out here so that kdjax does not need clu).
 #
-# clu.metrics.Collection reads its metric classes from `__annotations__`, which
-# `from __future__ import annotations` turns into strings; SimilarityMetrics therefore sets
-# `__annotations__` explicitly.
+# SimilarityMetrics reads its metric classes from `__annotations__`, which
+# `from __future__ import annotations` turns into strings; it therefore sets `__annotations__`
+# explicitly.
 
 
-def _per_example_average(values_fn, condition_fn=None):
-  """A clu Average over the unmasked (and `condition_fn`-true) examples of a flattened batch."""
+@flax.struct.dataclass
+class _Average:
+  """Sum and count of the kept per-example values of a batch; computes their mean (NaN if none).
 
-  def fun(student_logits, teacher_logits, labels, mask, **_):
-    keep = mask
-    if condition_fn is not None:
-      keep = keep & condition_fn(student_logits, teacher_logits, labels)
-    return {"values": values_fn(student_logits, teacher_logits, labels), "mask": keep}
+  Subclasses made by `_per_example_average` define `from_model_output`."""
+  total: Array
+  count: Array
 
-  return clu_metrics.Average.from_fun(fun)
+  @classmethod
+  def empty(cls) -> _Average:
+    return cls(total=jnp.array(0, jnp.float32), count=jnp.array(0, jnp.int32))
+
+  @classmethod
+  def from_values(cls, values, keep) -> _Average:
+    """values [N], keep [N] bool: total = sum of the kept values, count = their number."""
+    return cls(total=jnp.where(keep, values, jnp.zeros_like(values)).sum(),
+               count=jnp.where(keep, jnp.ones_like(values, dtype=jnp.int32),
+                               jnp.zeros_like(values, dtype=jnp.int32)).sum())
+
+  def merge(self, other: _Average) -> _Average:
+    return type(self)(total=self.total + other.total, count=self.count + other.count)
+
+  def compute(self) -> Array:
+    return self.total / self.count
+
+
+def _per_example_average(values_fn, condition_fn=None) -> type[_Average]:
+  """An _Average over the unmasked (and `condition_fn`-true) examples of a flattened batch."""
+
+  @flax.struct.dataclass
+  class PerExampleAverage(_Average):
+
+    @classmethod
+    def from_model_output(cls, *, student_logits, teacher_logits, labels, mask, **_):
+      keep = mask.astype(bool)
+      if condition_fn is not None:
+        keep = keep & condition_fn(student_logits, teacher_logits, labels)
+      return cls.from_values(values_fn(student_logits, teacher_logits, labels), keep)
+
+  return PerExampleAverage
 
 
 def _top1(logits) -> Array:
@@ -526,7 +556,7 @@ def _top1(logits) -> Array:
 
 
 @flax.struct.dataclass
-class _JointCounts(clu_metrics.Metric):
+class _JointCounts:
   """C x C joint counts of (argmax s, argmax t); computes their mutual information.
 
   `empty()` is a scalar 0 (C is unknown until a batch arrives); merging broadcasts it.
@@ -552,7 +582,7 @@ class _JointCounts(clu_metrics.Metric):
 
 
 @flax.struct.dataclass
-class _CalibrationBins(clu_metrics.Metric):
+class _CalibrationBins:
   """Per-bin count / confidence sum / correct sum of the student; computes the ECE."""
   count: Array
   confidence_sum: Array
@@ -585,7 +615,7 @@ def _teacher_incorrect(s, t, y) -> Array:
 
 
 @flax.struct.dataclass
-class SimilarityMetrics(clu_metrics.Collection):
+class SimilarityMetrics:
   """Streaming accumulator of DESIGN.md's student-vs-teacher metrics over an eval set.
 
   Per padded batch: `update = SimilarityMetrics.from_batch(s, t, y, mask)` (jit- and
@@ -630,12 +660,23 @@ class SimilarityMetrics(clu_metrics.Collection):
     keep = _mask_or_ones(mask, np.shape(labels))
     num_classes = np.shape(student_logits)[-1]
     # Padded rows may be NaN/inf; zeroing them keeps every per-example value finite, and
-    # jnp.where in clu's Average then drops them.
+    # jnp.where in _Average then drops them.
     s = jnp.where(keep[..., None], _as_float(student_logits), 0.0).reshape(-1, num_classes)
     t = jnp.where(keep[..., None], _as_float(teacher_logits), 0.0).reshape(-1, num_classes)
-    return cls.single_from_model_output(
-        student_logits=s, teacher_logits=t, labels=jnp.asarray(labels).reshape(-1),
-        mask=keep.reshape(-1))
+    outputs = dict(student_logits=s, teacher_logits=t, labels=jnp.asarray(labels).reshape(-1),
+                   mask=keep.reshape(-1))
+    return cls(**{name: metric.from_model_output(**outputs)
+                  for name, metric in cls.__annotations__.items()})
+
+  @classmethod
+  def empty(cls) -> SimilarityMetrics:
+    """The state of no example; `empty().merge(x)` equals x."""
+    return cls(**{name: metric.empty() for name, metric in cls.__annotations__.items()})
+
+  def merge(self, other: SimilarityMetrics) -> SimilarityMetrics:
+    """The state of both sets of examples."""
+    return type(self)(**{name: getattr(self, name).merge(getattr(other, name))
+                         for name in self.__annotations__})
 
   def compute(self) -> dict[str, float]:
     """The dataset metrics as Python floats (NaN for a mean over an empty set)."""
@@ -643,6 +684,6 @@ class SimilarityMetrics(clu_metrics.Collection):
 
 
 @jax.jit
-def _compute_collection(collection: clu_metrics.Collection) -> dict[str, Array]:
+def _compute_collection(collection: SimilarityMetrics) -> dict[str, Array]:
   # One compiled program instead of dozens of eagerly dispatched ops (seconds on XLA:CPU).
-  return clu_metrics.Collection.compute(collection)
+  return {name: getattr(collection, name).compute() for name in collection.__annotations__}

@@ -106,7 +106,7 @@ def batch_states(student_logits, teacher_logits, compared, pairs, labels, mask):
 
 @jax.jit
 def _accumulate(states, student_logits, teacher_logits, compared, pairs, labels, mask):
-  """`states` plus one batch (clu merge of the similarity states, sums of the bins)."""
+  """`states` plus one batch (merge of the similarity states, sums of the bins)."""
   similarity, teachers = batch_states(student_logits, teacher_logits, compared, pairs, labels,
                                       mask)
   merged = jax.vmap(lambda a, b: a.merge(b))(states[0], similarity)
