@@ -2,8 +2,8 @@
 
 A stage resumes from its latest checkpoint, so rerunning the same command after an interruption
 continues where it stopped and ends with the parameters of an uninterrupted run. Eval accuracy and
-loss of every replica go to TensorBoard event files in WORKDIR/<stage>/ (clu SummaryWriter); the
-console gets a progress line (step, steps/s, ETA) and per-arm means (clu LoggingWriter).
+loss of every replica go to TensorBoard event files in WORKDIR/<stage>/ (kdjax.summaries, no
+TensorFlow); the console gets a progress line (step, steps/s, ETA) and per-arm means (absl INFO).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import time
 import jax
 import numpy as np
 from absl import logging
-from clu import metric_writers
 
 from kdjax import arms as arms_lib
 from kdjax import checkpoint as checkpoint_lib
@@ -146,7 +145,7 @@ def run_stage(study: Study, stage: str, workdir: str) -> None:
   # Several processes: every one computes (host reads are collectives), process 0 reports.
   primary = distributed.is_primary()
   tensorboard = workdir_lib.summary_writer(logdir) if primary else None
-  console = metric_writers.LoggingWriter() if primary else None
+  console = primary  # per-arm eval accuracy as absl INFO lines
   step = int(states[first.group.key].step)
   models = ", ".join(f"{len(e.group.replicas)} of {e.group.model.label}" for e in stage_engines)
   mesh = dict(first.mesh.shape)
@@ -265,9 +264,9 @@ def _evaluate(stage, stage_engines, states, eval_arrays, step, tensorboard, cons
   results = {name: stage_values(stage, stage_engines, [r[name] for r in per_group])
              for name in ("accuracy", "loss")}
   arm_acc = _arm_means(stage, results["accuracy"])
-  if console is not None:
-    console.write_scalars(step, {f"{stage.name}/eval_accuracy/{arm}": v
-                                 for arm, v in arm_acc.items()})
+  if console:  # "[STEP] STAGE/eval_accuracy/ARM=0.853088, ..." by arm, as clu's LoggingWriter
+    logging.info("[%d] %s", step, ", ".join(f"{stage.name}/eval_accuracy/{arm}={v:.6g}"
+                                            for arm, v in sorted(arm_acc.items())))
   if tensorboard is None:
     return
   scalars = {}
