@@ -49,6 +49,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from kdjax import arms as arms_lib
+from kdjax import compilation
 from kdjax import data as data_lib
 from kdjax import distributed
 from kdjax import losses
@@ -199,9 +200,9 @@ class Engine:
     x = jnp.zeros((1,) + tuple(self.spec.input_shape),
                   jnp.int32 if self.spec.modality == "text" else jnp.float32)
     self._dummy_input = x
-    self._init_variables = jax.jit(
+    self._init_variables = compilation.jit(
         lambda key: self.module.init(key, self._dummy_input, train=False))
-    self._init_optimizer = jax.jit(lambda params, lrs: optim.set_learning_rate(
+    self._init_optimizer = compilation.jit(lambda params, lrs: optim.set_learning_rate(
         jax.vmap(self.tx.init)(params), lrs))
     self.replica_shards = int(self.mesh.shape["replica"])
     # Per-replica constants, placed once: sliced block by block inside the programs.
@@ -215,14 +216,14 @@ class Engine:
         replica_steps_per_program=steps_per_program)
     self._blocks = block_layout(self.num_replicas // self.replica_shards,
                                 self.replicas_per_block)
-    self._step_inputs = jax.jit(self._make_step_inputs)
+    self._step_inputs = compilation.jit(self._make_step_inputs)
     self._programs: dict = {}  # (what, pattern) -> jitted block program
     # Each block's (offset, start) as device scalars (traced: one program per pattern).
     self._block_args = [jax.device_put((np.int32(o), np.int32(s)), self.replicated)
                         for o, s in self._blocks]
     self._train_patterns = [self._block_pattern(o, arms=True) for o, _ in self._blocks]
     self._predict_patterns = [self._block_pattern(o, arms=False) for o, _ in self._blocks]
-    self.epoch_order = jax.jit(functools.partial(
+    self.epoch_order = compilation.jit(functools.partial(
         data_lib.epoch_order, shared_order=bool(self.config.shared_order)),
         static_argnums=(2,))
 
@@ -453,7 +454,7 @@ class Engine:
       local = jax.shard_map(local, mesh=self.mesh, in_specs=(
           carry_spec, per_replica_specs, shared_specs, P(), P()), out_specs=carry_spec,
                             check_vma=False)
-    return jax.jit(local, donate_argnums=(0,))
+    return compilation.jit(local, donate_argnums=(0,))
 
   def _train_rows(self, carry, rows, step, teachers, *, kinds, signals):
     params, batch_stats, opt_state, diverged, _ = carry
@@ -512,7 +513,7 @@ class Engine:
     if key not in self._programs:
       one = jax.eval_shape(lambda v, x: self.module.apply(
           jax.tree.map(lambda a: a[0], v), x, train=False), variables, x)
-      self._programs[key] = jax.jit(
+      self._programs[key] = compilation.jit(
           lambda: jnp.zeros((self.num_replicas,) + one.shape, one.dtype),
           out_shardings=NamedSharding(self.mesh, P("replica", "data")))
     return self._programs[key]()

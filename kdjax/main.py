@@ -145,13 +145,13 @@ def main(argv) -> None:
     fail(f"--config: cannot load the config file: {lines[-1] if lines else type(e).__name__}")
 
   # Import after flag parsing: JAX and TensorFlow take seconds to load, a bad flag should not.
-  from kdjax import compile_cache  # pylint: disable=g-import-not-at-top
+  from kdjax import compilation  # pylint: disable=g-import-not-at-top
   from kdjax import distributed  # pylint: disable=g-import-not-at-top
   try:  # before anything touches a device: the mesh spans every process's devices
     distributed.initialize()
   except ValueError as e:
     fail(str(e))
-  compile_cache.enable()  # before the first compilation (KDJAX_COMPILATION_CACHE=off: none)
+  compilation.enable_persistent_cache()  # before the first compilation (KDJAX_COMPILATION_CACHE=off: none)
   from kdjax import study as study_lib  # pylint: disable=g-import-not-at-top
   from kdjax import preemption  # pylint: disable=g-import-not-at-top
   from kdjax import train  # pylint: disable=g-import-not-at-top

@@ -393,6 +393,9 @@ ALL_ARMS = ("kd", "rcd", "siddo", "onehot", "label_smoothing", "ensemble_kd",
 UNROLLED_ARMS = ("label_smoothing", "ensemble_kd", "ensemble_standardized_kd", "standardized_kd",
                  "ats", "isats", "dkd", "feature_hint")
 ALPHA, TEMPERATURE, RCD_RANGE = 0.3, 2.0, (-1.0, 2.0)
+# arm_options.dkd_warmup_epochs = 0.5 of 10 steps: the DKD term at 1/5 of its strength at step 0
+# and in full from step 4.
+DKD_WARMUP_EPOCHS, DKD_WARMUP_STEPS = 0.5, 5
 
 
 def _arms_study(execution: str = "auto", arms=ALL_ARMS, **overrides):
@@ -400,7 +403,7 @@ def _arms_study(execution: str = "auto", arms=ALL_ARMS, **overrides):
   return study_lib.resolve(_config(
       arms=",".join(arms), num_seeds=1, alpha=str(ALPHA), temperature=str(TEMPERATURE),
       arm_options__rcd_minval=RCD_RANGE[0], arm_options__rcd_maxval=RCD_RANGE[1],
-      execution=execution, **overrides))
+      arm_options__dkd_warmup_epochs=DKD_WARMUP_EPOCHS, execution=execution, **overrides))
 
 
 def _reference_loss(arm: str, params, teacher_vars, x, y, *, step: int, seed: int, teacher: int,
@@ -436,15 +439,17 @@ def _reference_loss(arm: str, params, teacher_vars, x, y, *, step: int, seed: in
     per_example = losses.softmax_cross_entropy(logits, y, label_smoothing=0.1)
   elif arm == "standardized_kd":
     per_example = standardized_kd(teacher_logits)
-  elif arm == "ats":
-    per_example = losses.ats_kd_loss(logits, teacher_logits, y, alpha=a, target_temperature=4.0,
-                                     nontarget_temperature=2.0, temperature=t)
+  elif arm == "ats":  # the ATS authors' form: student at T = 1, weights 0.5 / 0.5, no alpha
+    per_example = losses.ats_kd_loss(logits, teacher_logits, y, target_temperature=4.0,
+                                     nontarget_temperature=2.0, temperature=1.0, ce_weight=0.5,
+                                     kd_weight=0.5)
   elif arm == "isats":
-    per_example = losses.isats_kd_loss(logits, teacher_logits, y, alpha=a,
-                                       temperatures=(1.0, 2.0, 3.0, 4.0, 5.0, 6.0))
-  elif arm == "dkd":
-    per_example = ce + losses.dkd_loss(logits, teacher_logits, y, alpha=1.0, beta=8.0,
-                                       temperature=t)
+    per_example = losses.isats_kd_loss(logits, teacher_logits, y, target_temperature=4.0,
+                                       temperature=1.0, ce_weight=0.5, kd_weight=0.5)
+  elif arm == "dkd":  # the DKD term ramps up linearly over DKD_WARMUP_STEPS steps
+    warmup = min(1.0, (step + 1) / DKD_WARMUP_STEPS)
+    per_example = ce + warmup * losses.dkd_loss(logits, teacher_logits, y, alpha=1.0, beta=8.0,
+                                                temperature=t)
   elif arm == "feature_hint":
     per_example = ce + 1.0 * losses.feature_hint_loss(feats["block1"], teacher_feats["block1"])
   else:
