@@ -2,7 +2,7 @@
 
   ./kd bench end_to_end                              # both parts, table + end_to_end.json
   ./kd bench end_to_end --part study --runs 2        # the default study only, twice each way
-  ./kd bench end_to_end --part replicas --replicas 1 8 24 96 --executions blocked unrolled
+  ./kd bench end_to_end --part replicas --replicas 8 24 --executions blocked:1 blocked:4 unrolled
 
 Part `study`: `python -m kdjax.main --config=configs/default.py` (all three stages: 1 teacher,
 24 students, the analysis) in a new process, as `./kd run` starts it, once with an empty
@@ -150,14 +150,15 @@ def replicas_part(replicas: list[int], executions: list[str], steps: int) -> lis
   from kdjax.engine import Engine  # pylint: disable=g-import-not-at-top
 
   print(f"\nteacher stage of R cnn replicas on digits, batch 128 ({jax.default_backend()}):")
-  print(f"{'execution':9s} {'R':>4s} {'rows/block':>10s} {'compile s':>10s} {'examples/s':>11s}",
+  print(f"{'execution':10s} {'R':>4s} {'rows/block':>10s} {'compile s':>10s} {'examples/s':>11s}",
         flush=True)
   results = []
-  for execution in executions:
+  for choice in executions:
+    execution, _, rows = choice.partition(":")
     for r in replicas:
       config = study_lib.load_config(str(ROOT / "configs" / "default.py"))
       config.num_teachers, config.batch_size, config.stages = r, 128, "teacher"
-      config.execution = execution
+      config.execution, config.replicas_per_block = execution, int(rows or 0)
       study = study_lib.resolve(config)
       engine = Engine(study, study.teacher.groups[0])
       arrays = data.to_device(study.data["train"], engine.replicated)
@@ -182,7 +183,7 @@ def replicas_part(replicas: list[int], executions: list[str], steps: int) -> lis
              "replicas_per_block": engine.replicas_per_block, "compile_sec": compile_s,
              "examples_per_sec": statistics.median(rates)}
       results.append(row)
-      print(f"{execution:9s} {r:4d} {row['replicas_per_block']:10d} {compile_s:10.1f} "
+      print(f"{choice:10s} {r:4d} {row['replicas_per_block']:10d} {compile_s:10.1f} "
             f"{row['examples_per_sec']:11.0f}", flush=True)
   return results
 
@@ -193,7 +194,7 @@ def main(argv=None) -> None:
   parser.add_argument("--runs", type=int, default=1, help="cold/warm pairs of the study")
   parser.add_argument("--replicas", type=int, nargs="+", default=[1, 8, 24, 96])
   parser.add_argument("--executions", nargs="+", default=["auto"],
-                      choices=("auto", "blocked", "unrolled", "vmap"))
+                      help="auto, unrolled, vmap, blocked, or blocked:ROWS (rows per block)")
   parser.add_argument("--steps", type=int, default=20, help="timed steps per run (replicas)")
   parser.add_argument("--json", default="end_to_end.json")
   args = parser.parse_args(argv)

@@ -151,7 +151,7 @@ def main(argv) -> None:
     distributed.initialize()
   except ValueError as e:
     fail(str(e))
-  compilation.enable_persistent_cache()  # before the first compilation (KDJAX_COMPILATION_CACHE=off: none)
+  compilation.enable_persistent_cache()  # before the first compile; KDJAX_COMPILATION_CACHE=off
   from kdjax import study as study_lib  # pylint: disable=g-import-not-at-top
   from kdjax import preemption  # pylint: disable=g-import-not-at-top
   from kdjax import train  # pylint: disable=g-import-not-at-top

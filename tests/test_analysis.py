@@ -13,8 +13,6 @@ import math
 import os
 import re
 import shutil
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -23,13 +21,24 @@ import pytest
 import scipy.stats
 from PIL import Image
 
+import _cli
+# A persistent compilation cache for this module, shared with the command's runs: the analysis
+# re-run and the in-process analysis reuse the first analysis' programs.
+from test_engine import compilation_cache  # noqa: F401  (its module-scoped autouse fixture)
+# The same compiler settings in this process as in the command's runs (JAX_DISABLE_MOST_
+# OPTIMIZATIONS=1), so the in-process analysis also finds their programs in the cache.
+from test_engine_training import fast_compilation  # noqa: F401  (module-scoped autouse fixture)
+from test_groups import config_from_flags, run_in_process
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CLI = [sys.executable, "-m", "kdjax.main", "--config=configs/default.py"]
 # The default study made tiny: an MLP (compiles in a fraction of the CNN's time; the analysis
 # does not depend on the architecture), one epoch, 3 seeds per arm, and two teachers so that
-# students with odd seeds are paired with teacher 1, not teacher 0.
+# students with odd seeds are paired with teacher 1, not teacher 0. Vmapped replicas (an MLP is
+# not slow vmapped on XLA:CPU) compile one step and one forward pass for all 9 students instead
+# of one per student; the analysis reads the same checkpoints either way.
 STUDY_FLAGS = ["--config.model=mlp", "--config.num_seeds=3", "--config.num_epochs=1",
-               "--config.teacher_num_epochs=1", "--config.num_teachers=2"]
+               "--config.teacher_num_epochs=1", "--config.num_teachers=2",
+               "--config.execution=vmap"]
 METRICS = ("accuracy", "agreement", "agree_when_teacher_correct", "agree_when_teacher_incorrect",
            "js_divergence", "activation_distance", "kl_divergence", "rank_disagreement",
            "mutual_information", "ece")
@@ -41,9 +50,10 @@ OUTPUTS = ("metrics.json", "report.md", "plots/confidence_scatter.png",
            "plots/agreement_split.png", "plots/metrics.png")
 
 
-def _run_cli(workdir, *flags):
-  result = subprocess.run(CLI + [f"--workdir={workdir}"] + STUDY_FLAGS + list(flags), cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+def _run_cli(workdir, cache_dir, *flags):
+  # JAX_DISABLE_MOST_OPTIMIZATIONS=1 halves XLA:CPU's compile time, most of each run.
+  env = dict(_cli.env(cache_dir=cache_dir), JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+  result = _cli.main([*STUDY_FLAGS, *flags], workdir, env)
   assert result.returncode == 0, result.stderr[-3000:]
   return result
 
@@ -61,15 +71,17 @@ def _strict_load(path):
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
-  """A trained tiny study (2 teachers, 3 arms x 3 seeds, 1 epoch) and its first analysis."""
+def study(tmp_path_factory, compilation_cache):
+  """A trained tiny study (2 teachers, 3 arms x 3 seeds, 1 epoch) and its first analysis: the
+  training stages in this process (tests/test_groups.py, `run_in_process`), the analysis by
+  `python -m kdjax.main --config.stages=analysis`."""
   workdir = str(tmp_path_factory.mktemp("analysis") / "wd")
-  _run_cli(workdir, "--config.stages=teacher,students")
-  _run_cli(workdir, "--config.stages=analysis")
+  run_in_process(config_from_flags(STUDY_FLAGS), workdir, stages=("teacher", "students"))
+  _run_cli(workdir, compilation_cache, "--config.stages=analysis")
   out = os.path.join(workdir, "analysis")
   with np.load(os.path.join(out, "predictions.npz")) as npz:
     preds = {k: npz[k] for k in npz.files}
-  return {"workdir": workdir, "out": out, "preds": preds,
+  return {"workdir": workdir, "out": out, "preds": preds, "cache": compilation_cache,
           "metrics": _strict_load(os.path.join(out, "metrics.json")),
           "report": open(os.path.join(out, "report.md")).read(),
           "bytes": {name: _read(os.path.join(out, name)) for name in OUTPUTS}}
@@ -242,7 +254,12 @@ def test_tests_equal_scipy_and_holm(study):
       if np.ptp(np.concatenate([x, y])) == 0:  # no variation: U = n1 n2 / 2, p = 1 by contract
         assert (t["statistic"], t["p_value"]) == (x.size * y.size / 2, 1.0)
         continue
-      ref = scipy.stats.mannwhitneyu(x, y, alternative="two-sided")
+      # 3 vs 3 seeds: exact without ties, else every split of the pooled values enumerated
+      # (scipy's default would take the normal approximation whenever values tie).
+      tied = np.unique(np.concatenate([x, y])).size < x.size + y.size
+      assert t["p_method"] == ("permutation" if tied else "exact")
+      method = scipy.stats.PermutationMethod(n_resamples=np.inf) if tied else "exact"
+      ref = scipy.stats.mannwhitneyu(x, y, alternative="two-sided", method=method)
       assert t["statistic"] == pytest.approx(float(ref.statistic), abs=1e-12)
       assert t["p_value"] == pytest.approx(float(ref.pvalue), rel=1e-12)
       diff = x[:, None] - y[None, :]
@@ -275,14 +292,15 @@ def test_plots_are_real_pngs(study):
       assert image.format == "PNG"
       assert image.width >= 400 and image.height >= 300, (name, image.size)
       pixels = np.asarray(image.convert("RGB"))
-    colors = np.unique(pixels.reshape(-1, 3), axis=0)
+    # Distinct RGB triples, each packed into one integer (np.unique over rows is 30x slower).
+    colors = np.unique(pixels.astype(np.int32) @ np.array([1 << 16, 1 << 8, 1], np.int32))
     assert len(colors) > 50, (name, len(colors))
     # Mostly background, but a real share of drawn (non-white) pixels.
     assert 0.02 < np.mean(np.any(pixels < 240, axis=-1)) < 0.9, name
 
 
 def test_rerunning_the_analysis_reproduces_the_files(study):
-  _run_cli(study["workdir"], "--config.stages=analysis")
+  _run_cli(study["workdir"], study["cache"], "--config.stages=analysis")
   for name in OUTPUTS:
     assert _read(os.path.join(study["out"], name)) == study["bytes"][name], name
   with np.load(os.path.join(study["out"], "predictions.npz")) as npz:

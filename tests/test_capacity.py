@@ -16,11 +16,13 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-import _cli
 from kdjax import arms as arms_lib
 from kdjax import data as data_lib
 from kdjax import study as study_lib
 from kdjax import train
+# A persistent compilation cache for the module: the study's groups share their equal programs.
+from test_engine import compilation_cache  # noqa: F401  (its module-scoped autouse fixture)
+from test_groups import config_from_flags, run_in_process
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "capacity_mismatch.py"
@@ -138,15 +140,17 @@ def test_regt_variant_trains_teachers_with_regt_and_bad_options_are_named():
 @pytest.fixture(scope="module")
 def capacity_run(tmp_path_factory):
   """Below smoke size: MLP teachers of widths 0.05 and 0.2 trained with RegT, kd/fgcr/onehot
-  students, 1 seed, 1 epoch."""
+  students, 1 seed, 1 epoch, run in this process (tests/test_groups.py, `run_in_process`).
+  Compiling is most of the run: vmapped replicas (MLPs are not slow vmapped on XLA:CPU) compile
+  one step per group instead of one per replica; the section does not depend on it."""
   workdir = tmp_path_factory.mktemp("capacity") / "wd"
-  proc = _cli.main(
+  config = config_from_flags(
       ["--config.model=mlp", "--config.teacher_model=mlp", "--config.model_kwargs.width=0.05",
        "--config.teacher_model_grid.width=0.05,0.2", "--config.arms=kd,fgcr,onehot",
        "--config.num_seeds=1", "--config.num_epochs=1", "--config.batch_size=100",
-       "--config.arm_options.teacher_loss=regt"],
-      workdir, _cli.env(), timeout=900, config=f"--config={CONFIG}:smoke")
-  assert proc.returncode == 0, proc.stderr[-3000:]
+       "--config.arm_options.teacher_loss=regt", "--config.execution=vmap"],
+      config=f"--config={CONFIG}:smoke")
+  run_in_process(config, workdir)
   return workdir
 
 

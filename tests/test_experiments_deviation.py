@@ -1,14 +1,14 @@
 """Tests of the arXiv 2301.12923 experiments: configs/deviation_switch.py, configs/linear_eigen.py,
 their analysis sections (kdjax/analysis/deviation.py, kdjax/analysis/eigen.py) and `kd_windows`.
 
-Each config runs once per module through the command line, made smaller than its smoke size
-(an MLP and 1 epoch for the switch study; 300 synthetic points and 8 + 24 GD steps for the
-linear study), side by side, with vmapped replicas (no convolutions here, so vmap is not slow on
-XLA:CPU, and it compiles one step for all replicas instead of one per replica). The references
-are independent: the sections' numbers are recomputed in numpy from predictions.npz, from a
-numpy forward pass of the final checkpoint (train split), and from a numpy re-implementation of
-full-batch gradient descent on the same synthetic data, started from the documented
-initialisation key.
+Each config runs once per module from command-line flags, in this process (tests/test_groups.py,
+`run_in_process`), made smaller than its smoke size (an MLP and 1 epoch for the switch study; 300
+synthetic points and 8 + 24 GD steps for the linear study), with vmapped replicas (no convolutions
+here, so vmap is not slow on XLA:CPU, and it compiles one step for all replicas instead of one per
+replica). The references are independent: the sections' numbers are recomputed in numpy from
+predictions.npz, from a numpy forward pass of the final checkpoint (train split), and from a numpy
+re-implementation of full-batch gradient descent on the same synthetic data, started from the
+documented initialisation key.
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +32,7 @@ from kdjax.analysis import eigen
 from kdjax.analysis import predictions as predictions_lib
 from kdjax.analysis import sections
 from kdjax.data import synthetic
+from test_groups import config_from_flags, run_in_process
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WINDOWS = "0-1,0.5-1,0-0.5"
@@ -51,16 +50,11 @@ EIGEN_FLAGS = ["--config=configs/linear_eigen.py:smoke,superclass",
                f"--config.optimizer.learning_rate={LR}", "--config.execution=vmap"]
 
 
-def _start(workdir, data_dir, flags):
-  return workdir, subprocess.Popen(
-      [sys.executable, "-m", "kdjax.main", f"--workdir={workdir}"] + flags +
-      [f"--config.data_dir={data_dir}"], cwd=REPO, stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE, text=True)
-
-
-def _finish(workdir, process):
-  _, stderr = process.communicate(timeout=900)
-  assert process.returncode == 0, stderr[-3000:]
+def _run(workdir, data_dir, flags):
+  """The study of `flags` (the --config flag first) run in `workdir`; its outputs."""
+  config, *overrides = flags
+  run_in_process(config_from_flags([*overrides, f"--config.data_dir={data_dir}"], config),
+                 workdir)
   with open(os.path.join(workdir, "analysis", "metrics.json")) as f:
     metrics = json.load(f)
   with open(os.path.join(workdir, "students", "replicas.json")) as f:
@@ -72,13 +66,10 @@ def _finish(workdir, process):
 
 @pytest.fixture(scope="module")
 def studies(tmp_path_factory):
-  """Both studies, run side by side (each is mostly one single-threaded compile or loop)."""
+  """Both studies, one after the other."""
   data_dir = str(tmp_path_factory.mktemp("tfds"))
-  started = {"switch": _start(str(tmp_path_factory.mktemp("switch") / "wd"), data_dir,
-                              SWITCH_FLAGS),
-             "linear": _start(str(tmp_path_factory.mktemp("linear") / "wd"), data_dir,
-                              EIGEN_FLAGS)}
-  return {name: _finish(*run) for name, run in started.items()}
+  return {name: _run(str(tmp_path_factory.mktemp(name) / "wd"), data_dir, flags)
+          for name, flags in (("switch", SWITCH_FLAGS), ("linear", EIGEN_FLAGS))}
 
 
 @pytest.fixture(scope="module")

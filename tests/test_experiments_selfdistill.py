@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-import _cli
 from kdjax import study as study_lib
 from kdjax.analysis import width as width_lib
+# A persistent compilation cache for the module: the study's groups share their equal programs.
+from test_engine import compilation_cache  # noqa: F401  (its module-scoped autouse fixture)
+from test_groups import config_from_flags, run_in_process
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "selfdistill_controls.py"
@@ -56,14 +58,19 @@ def test_bad_arguments_name_what_is_allowed(arg):
 
 @pytest.fixture(scope="module")
 def width_run(tmp_path_factory):
-  """The width variant at below-smoke size: MLPs of widths 0.05/0.1/0.2, 2 seeds, 1 epoch."""
+  """The width variant at below-smoke size: MLPs of widths 0.05/0.1/0.2, 2 seeds, 1 epoch, run in
+  this process (tests/test_groups.py, `run_in_process`). Compiling dominates the run: vmapped
+  replicas (no convolutions, so vmap is not slow on XLA:CPU) compile one step per width instead
+  of one per replica (about a third of the unrolled default's CPU time); the section does not
+  depend on it."""
   workdir = tmp_path_factory.mktemp("sd_width") / "wd"
-  proc = _cli.main(
+  config = config_from_flags(
       ["--config.model=mlp", "--config.teacher_model=mlp", "--config.model_kwargs.width=0.1",
        "--config.teacher_model_kwargs.width=0.1", "--config.model_grid.width=0.05,0.1,0.2",
-       "--config.num_seeds=2", "--config.num_epochs=1", "--config.batch_size=100"],
-      workdir, _cli.env(), timeout=900, config=f"--config={CONFIG}:smoke,width")
-  assert proc.returncode == 0, proc.stderr[-3000:]
+       "--config.num_seeds=2", "--config.num_epochs=1", "--config.batch_size=100",
+       "--config.execution=vmap"],
+      config=f"--config={CONFIG}:smoke,width")
+  run_in_process(config, workdir)
   return workdir
 
 

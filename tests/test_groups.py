@@ -1,7 +1,11 @@
 """Several models in one stage (kdjax.study.Group): teachers of two capacities and students
 distilled from each, one compiled program per group, trained in one run. Each group must end
 exactly where a study holding only that model ends, the students must pair with the right
-teachers, and the analysis must keep the models apart."""
+teachers, and the analysis must keep the models apart.
+
+The studies run in this process (`run_in_process`, which other test modules import for studies
+that are not about the command line).
+"""
 
 from __future__ import annotations
 
@@ -9,12 +13,24 @@ import json
 import os
 import pathlib
 
+from absl import flags
 import jax
+import ml_collections
+from ml_collections import config_flags
 import numpy as np
 import pytest
 
+import _cli
+from kdjax import analysis
 from kdjax import study as study_lib
 from kdjax import train
+# A persistent compilation cache for this module: the study of the wide model alone compiles
+# the same programs as the wide group of the two-model study, so it is compiled once.
+from test_engine import compilation_cache  # noqa: F401  (its module-scoped autouse fixture)
+# Compiling is most of the training and analysis here: without LLVM's optimisation passes it
+# takes half the time.
+from test_engine_training import fast_compilation  # noqa: F401  (module-scoped autouse fixture)
+from test_engine_training import optimizations_disabled
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NARROW, WIDE = "mlp(width=0.05)", "mlp(width=0.1)"
@@ -29,6 +45,9 @@ def _config(**overrides):
   config.arms, config.student_init, config.num_seeds = "kd,onehot", "fresh", 2
   config.num_epochs, config.batch_size = 1, 100
   config.stages = "teacher,students,analysis"
+  # MLPs: vmapped replicas are not slow on XLA:CPU and compile one step per group, not one per
+  # replica. Groups are the same under either execution.
+  config.execution = "vmap"
   for key, value in overrides.items():
     node, *path, leaf = [config] + key.split(".")
     for part in path:
@@ -68,13 +87,44 @@ def test_identical_init_needs_a_teacher_of_the_students_model():
     study_lib.resolve(_config(**{"student_init": "teacher", "model_kwargs.width": 0.2}))
 
 
-def _train(config, workdir: str):
+# ---------------------------------------------------------------- studies in this process
+
+
+def config_from_flags(args: list[str], config: str = _cli.CONFIG) -> ml_collections.ConfigDict:
+  """The config of `python -m kdjax.main CONFIG ARGS` (`config`: its --config flag; `args`: its
+  --config.KEY=VALUE flags), parsed by the same ml_collections flag parser."""
+  argv = ["kdjax.main", config, *args]
+  values = flags.FlagValues()
+  # The overrides are defined from the argv the flag will parse.
+  config_flags.DEFINE_config_file("config", flag_values=values, sys_argv=argv)
+  values(argv)
+  return values.config
+
+
+def run_in_process(config: ml_collections.ConfigDict, workdir, stages=None) -> None:
+  """Runs `stages` (default: the config's) of the study in `workdir` as kdjax.main runs them,
+  in this process: config.json as kdjax.main writes it, then kdjax.train.run_stage for each
+  training stage and kdjax.analysis.run, compiled with `optimizations_disabled`. A test that is
+  not about the command line saves the 8-10 s of CPU a new process spends importing JAX and
+  TensorFlow. Unlike kdjax.main: no workdir lock, no check of what the workdir already holds,
+  and report.md records no command."""
   study = study_lib.resolve(config)
-  os.makedirs(workdir)
-  with open(os.path.join(workdir, "config.json"), "w") as f:  # as kdjax.main writes it
-    f.write(config.to_json_best_effort())
-  for stage in ("teacher", "students"):
-    train.run_stage(study, stage, workdir)
+  workdir = str(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  record = {k: v for k, v in json.loads(config.to_json_best_effort()).items() if k != "mesh"}
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(json.dumps(record, indent=2, sort_keys=True))
+  with optimizations_disabled():
+    for stage in stages or study.stages:
+      if stage == "analysis":
+        analysis.run(workdir)
+      else:
+        train.run_stage(study, stage, workdir)
+
+
+def _train(config, workdir: str):
+  run_in_process(config, workdir, stages=("teacher", "students"))
+  study = study_lib.resolve(config)
   return study, {stage: train.load_final_state(study, workdir, stage)[1]
                  for stage in ("teacher", "students")}
 
@@ -113,7 +163,6 @@ def test_each_group_ends_where_a_study_of_that_model_alone_ends(trained):
 
 
 def test_the_analysis_keeps_the_teacher_models_apart(trained):
-  from kdjax import analysis  # pylint: disable=g-import-not-at-top
   base, (study, _), _ = trained
   workdir = str(base / "both")
   results = analysis.run(workdir)
