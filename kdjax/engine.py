@@ -16,8 +16,10 @@ path differs (README, "What a study costs"). In every case a step first builds a
 batches in one program (`kdjax.data.train_batch`), then runs *block programs*: each slices rows
 [offset, offset + size) of the stacked state, updates them, and writes them back in place (the
 state is donated), so XLA compiles one block of rows, not the whole replica axis:
-  * 'vmap'     (GPU/TPU default): one block of every replica, `jax.vmap`ped. Arms are selected by
-               per-replica codes, so the loss kinds and teacher signals present are all computed.
+  * 'vmap'     (GPU/TPU default): one block of every replica; each run of consecutive replicas
+               of one arm is `jax.vmap`ped on its own and computes only its arm's teacher signal
+               and loss (a SIDDO replica runs no teacher). Where a row's arm differs between
+               replica shards, that row computes every kind present and selects its own by code.
   * 'blocked'  (CPU default): blocks of `replicas_per_block` rows (0 = `block_size` chooses by
                the stage's length), each row unrolled with its arm static, e.g. a SIDDO row never
                runs a teacher. One program per distinct block pattern (arms of its rows), called
@@ -378,13 +380,14 @@ class Engine:
 
   # ---------------------------------------------------------------- all replicas, by blocks
 
-  def _block_pattern(self, offset: int, *, arms: bool):
-    """The static shape of the block at local row `offset`: None when its replicas are vmapped,
-    else per row j the (loss kinds, teacher signals) that row may have. A row's arm is static
-    (one kind, one signal) when the replica at that row has the same arm in every replica shard;
-    else the row selects its arm by code. `arms=False` (inference): no arm at all."""
-    if self.execution == "vmap":
-      return None
+  def _block_pattern(self, offset: int, *, arms: bool) -> tuple:
+    """The static shape of the block at local row `offset`: its segments, consecutive runs of
+    rows (length, loss kinds, teacher signals) that run as one, vmapped ('vmap') or each row on
+    its own (unrolled). A row's arm is static (one kind, one signal) when the replica at that
+    row has the same arm in every replica shard; else the row selects its arm by code among all
+    of the group's. Under 'vmap' consecutive rows of one static arm form one segment, so each
+    arm's rows compute only their own teacher signal and loss. `arms=False` (inference): one
+    kind of row."""
     local = self.num_replicas // self.replica_shards
     rows = []
     for j in range(self.replicas_per_block):
@@ -398,7 +401,15 @@ class Engine:
         rows.append(((kind,), (signal,)))
       else:
         rows.append((self.kinds, self.signals))
-    return tuple(rows)
+    if self.execution != "vmap":
+      return tuple((1, kinds, signals) for kinds, signals in rows)
+    segments = []
+    for kinds, signals in rows:
+      if segments and segments[-1][1:] == (kinds, signals):
+        segments[-1] = (segments[-1][0] + 1, kinds, signals)
+      else:
+        segments.append((1, kinds, signals))
+    return tuple(segments)
 
   def _program(self, what: str, pattern):
     """The jitted block program of `what` ('train' or 'predict') for one block pattern, built
@@ -423,24 +434,29 @@ class Engine:
     """jit(program(carry, per_replica, shared, offset, start) -> carry), carry donated: rows
     [offset, offset + size) of every carry and per-replica leaf (in each replica shard) are
     sliced out, `body(carry_row, per_replica_row, *shared, kinds=, signals=)` gives each row's
-    new carry (rows unrolled, or vmapped when `pattern` is None), and the rows are written back
-    in place. Rows below `start` (the last block of a shard overlapping the one before it) keep
+    new carry (per segment of `pattern`: vmapped under 'vmap', else row by row), and the rows
+    are written back in place. Rows below `start` (the last block of a shard overlapping the one before it) keep
     their carry. What XLA compiles is one block of rows, whatever the replica count."""
     size = self.replicas_per_block
     masked = any(offset != start for offset, start in self._blocks)
+    vmapped = self.execution == "vmap"
 
     def local(carry, per_replica, shared, offset, start):
       take = lambda a: jax.lax.dynamic_slice_in_dim(a, offset, size)
       old, rows = jax.tree.map(take, carry), jax.tree.map(take, per_replica)
+      parts, begin = [], 0
       with models_common.batch_norm_axis(self._data_axis):
-        if pattern is None:
-          new = jax.vmap(lambda c, r: body(c, r, *shared, kinds=self.kinds,
-                                           signals=self.signals))(old, rows)
-        else:
-          row = lambda tree, j: jax.tree.map(lambda a: a[j], tree)
-          new = jax.tree.map(lambda *a: jnp.stack(a), *[
-              body(row(old, j), row(rows, j), *shared, kinds=kinds, signals=signals)
-              for j, (kinds, signals) in enumerate(pattern)])
+        for length, kinds, signals in pattern:
+          part = lambda tree: jax.tree.map(lambda a: a[begin:begin + length], tree)
+          apply = functools.partial(lambda c, r, k, s: body(c, r, *shared, kinds=k, signals=s),
+                                    k=kinds, s=signals)
+          if vmapped:
+            parts.append(jax.vmap(apply)(part(old), part(rows)))
+          else:  # one row (XLA:CPU runs a vmapped convolution as a slow grouped one)
+            row = lambda tree: jax.tree.map(lambda a: a[begin], tree)
+            parts.append(jax.tree.map(lambda a: a[None], apply(row(old), row(rows))))
+          begin += length
+      new = jax.tree.map(lambda *a: jnp.concatenate(a), *parts)
       if masked:
         fresh = offset + jnp.arange(size) >= start
         new = jax.tree.map(
