@@ -26,14 +26,36 @@ from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from kdjax import configfile
+
+
+class _ConfigFileParser(flags.ArgumentParser):
+  """ml_collections' parser of --config, loading the file with kdjax.configfile: a file that
+  cannot give a config (missing, a syntax error, no get_config, a wrong return type) raises
+  ConfigFileError, one line, at flag parsing (ml_collections would defer some failures to the
+  first use of the config and report others as tracebacks)."""
+
+  def parse(self, path):
+    config = configfile.load_flag(path)
+    config.lock()
+    return config
+
+  def flag_type(self):
+    return "config object"
+
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A study config file (configs/*.py).",
                                           lock_config=True)
+flags.FLAGS["config"].parser = _ConfigFileParser()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
 
 # Keys that may change between runs of one study (how it is run, not what it is).
 RUN_KEYS = ("stages", "overwrite", "execution", "replicas_per_block", "log_every_steps",
             "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints", "eval_batch_size",
-            "data_dir", "mesh")
+            "data_dir", "mesh",
+            # How the analysis tests (TOST margins): a rerun with --config.stages=analysis may
+            # change it, and workdirs from before the key existed still match.
+            "analysis_options")
 STAGE_DIRS = ("teacher", "students", "analysis")
 
 
@@ -53,7 +75,14 @@ def _check_workdir(workdir: str, config) -> bool:
   path = workdir_lib.join(workdir, "config.json")
   if not workdir_lib.exists(path):
     return False
-  existing = _study_fields(workdir_lib.read_json(path))
+  try:
+    existing = _study_fields(workdir_lib.read_json(path))
+  except (OSError, ValueError, AttributeError) as e:  # not JSON, or not an object
+    if config.overwrite:
+      return True
+    raise ConfigError("overwrite", f"the workdir {workdir} holds a config.json that cannot be "
+                      f"read ({type(e).__name__}); use another --workdir or set "
+                      "--config.overwrite=True to replace the workdir's study") from None
   requested = _study_fields(json.loads(config.to_json_best_effort()))
   if existing == requested:
     return False
@@ -77,6 +106,17 @@ def _check_workdir_state(study, config, workdir: str) -> bool:
                          f"which --config.stages={config.stages} needs; add {earlier} to stages")
     train.check_finished(study, workdir, earlier)
   return replace
+
+
+def validate(config, workdir: str, num_devices: int | None = None):
+  """(study, replace): everything a run checks before it writes anything, raising one-line
+  errors (ConfigError, ValueError, RuntimeError): the workdir's path (`workdir.check_usable`),
+  every config key and the data (`resolve`), and what the workdir holds (`replace`: a different
+  study that `overwrite` replaces). The CLI's checks, callable in-process."""
+  from kdjax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  workdir_lib.check_usable(workdir)
+  study = resolve(config, num_devices)
+  return study, _check_workdir_state(study, config, workdir)
 
 
 def resolve(config, num_devices: int | None = None):
@@ -138,11 +178,6 @@ def main(argv) -> None:
     fail("--config is required, e.g. --config=configs/default.py")
   if not workdir:
     fail("--workdir is required, e.g. --workdir=runs/default")
-  try:
-    config.keys()  # ml_collections loads the file lazily and reports a failure on first use
-  except Exception as e:  # pylint: disable=broad-except  (any error of the user's config file)
-    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-    fail(f"--config: cannot load the config file: {lines[-1] if lines else type(e).__name__}")
 
   # Import after flag parsing: JAX and TensorFlow take seconds to load, a bad flag should not.
   from kdjax import compilation  # pylint: disable=g-import-not-at-top
@@ -164,13 +199,12 @@ def main(argv) -> None:
       fail(str(e))
   records.validating = True
   try:
-    study = resolve(config)
-    _check_workdir_state(study, config, workdir)
+    study, _ = validate(config, workdir)
     if primary:
       # Checked again under the lock: a run that held it may have changed the workdir meanwhile.
       workdir_lib.lock(workdir)  # held until the process ends
       replace = _check_workdir_state(study, config, workdir)
-  except (study_lib.ConfigError, RuntimeError) as e:
+  except (ValueError, RuntimeError) as e:  # ConfigError, the workdir's path, a busy workdir
     fail(str(e))
   records.validating = False
   if primary:
@@ -180,8 +214,11 @@ def main(argv) -> None:
     # Without `mesh`: it describes this run's devices, and the analysis, which reads config.json
     # (also on one host, from a copy of a pod's workdir), lays out the devices it finds.
     record = {k: v for k, v in json.loads(config.to_json_best_effort()).items() if k != "mesh"}
-    workdir_lib.write_text(workdir_lib.join(workdir, "config.json"),
-                           json.dumps(record, indent=2, sort_keys=True))
+    path = workdir_lib.join(workdir, "config.json")
+    try:
+      workdir_lib.write_text(path, json.dumps(record, indent=2, sort_keys=True))
+    except OSError as e:  # written whole or not at all (kdjax.workdir.write_bytes)
+      fail(f"cannot write {path} ({e.strerror or e}); free space and rerun the same command")
   distributed.barrier("kdjax: workdir ready")  # the others start once process 0 has written
 
   for stage in study.stages:
@@ -203,6 +240,8 @@ def _parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
+    if isinstance(e.__context__, configfile.ConfigFileError):  # absl wraps a parser's ValueError
+      fail(str(e.__context__))
     # ml_collections appends the config file's traceback: keep its first and last lines.
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     fail(lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}")

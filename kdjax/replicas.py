@@ -80,29 +80,48 @@ class Replica:
     return {**dataclasses.asdict(self), "ensemble": list(self.ensemble)}
 
 
-def parse_grid(name: str, value) -> tuple[float, ...]:
-  """One value or a grid: a number, a sequence, or a comma-separated string ("0.1,0.5,0.9")."""
+def split_list(name: str, value) -> list:
+  """The entries of a comma-separated string (stripped) or of a sequence. A blank string is
+  no entries; an empty entry inside a list ("0.1,,0.5", a trailing comma) is refused, naming
+  it: it is a typo, not a shorter list."""
   if isinstance(value, str):
-    parts = [p.strip() for p in value.split(",") if p.strip()]
-  elif isinstance(value, (list, tuple)):
-    parts = list(value)
-  else:
-    parts = [value]
-  try:
-    grid = tuple(float(p) for p in parts)
-  except (TypeError, ValueError):
-    raise ValueError(f"{name} must be a number or a comma-separated list of numbers, "
-                     f"got {value!r}") from None
-  if not grid or not all(np.isfinite(grid)):
-    raise ValueError(f"{name} must be a number or a comma-separated list of finite numbers, "
-                     f"got {value!r}")
-  return grid
+    if not value.strip():
+      return []
+    items = [p.strip() for p in value.split(",")]
+    if not all(items):
+      raise ValueError(f"{name} has an empty entry (entry {items.index('') + 1} of "
+                       f"{value!r}); write comma-separated entries without empty ones")
+    return items
+  if isinstance(value, (list, tuple)):
+    return list(value)
+  return [value]
+
+
+def parse_grid(name: str, value) -> tuple[float, ...]:
+  """One value or a grid: a number, a sequence, or a comma-separated string ("0.1,0.5,0.9") of
+  finite numbers, none empty or repeated."""
+  usage = f"{name} must be a number or a comma-separated list of finite numbers"
+  grid = []
+  for p in split_list(name, value):
+    try:
+      if isinstance(p, bool):
+        raise TypeError
+      v = float(p)
+    except (TypeError, ValueError):
+      raise ValueError(f"{usage}; {p!r} in {value!r} is not a number") from None
+    if not np.isfinite(v):
+      raise ValueError(f"{usage}; got {p!r} in {value!r}")
+    if v in grid:
+      raise ValueError(f"{name} lists {v:g} twice in {value!r}; every grid point is one value")
+    grid.append(v)
+  if not grid:
+    raise ValueError(f"{usage}, e.g. '0.5' or '0.1,0.5,0.9'; got {value!r}")
+  return tuple(grid)
 
 
 def parse_names(name: str, value, allowed: Sequence[str]) -> tuple[str, ...]:
   """A comma-separated list of names, each in `allowed`, without repeats."""
-  items = value.split(",") if isinstance(value, str) else list(value)
-  names = tuple(s.strip() for s in items if s.strip())
+  names = tuple(str(s).strip() for s in split_list(name, value))
   bad = [n for n in names if n not in allowed]
   if not names or bad:
     raise ValueError(f"{name} must be a comma-separated list of {', '.join(allowed)}; "
@@ -118,12 +137,7 @@ def parse_windows(name: str, value) -> tuple[tuple[float, float], ...]:
   start <= step / total_steps < stop, so "0.5-1" switches one-hot -> KD at half of training and
   "0-0.5" KD -> one-hot (the loss-switching experiment of arXiv 2301.12923). Each window needs
   0 <= start < stop <= 1; a window may not be listed twice."""
-  if isinstance(value, str):
-    items = [p.strip() for p in value.split(",") if p.strip()]
-  elif isinstance(value, (list, tuple)):
-    items = list(value)
-  else:
-    items = [value]
+  items = split_list(name, value)
   usage = f"{name} must be comma-separated START-STOP fractions of training, e.g. '0-1,0.5-1'"
   windows = []
   for item in items:
@@ -145,9 +159,8 @@ def parse_windows(name: str, value) -> tuple[tuple[float, float], ...]:
 def parse_arm_weights(name: str, value, allowed: Sequence[str]) -> dict[str, float]:
   """Per-arm loss weights: a comma-separated "ARM=WEIGHT" list ("ats=0.5,standardized_kd=9"),
   each ARM one of `allowed` (once) and each WEIGHT a finite number >= 0; "" = none."""
-  items = value.split(",") if isinstance(value, str) else list(value)
   weights: dict[str, float] = {}
-  for item in (str(i).strip() for i in items if str(i).strip()):
+  for item in (str(i).strip() for i in split_list(name, value)):
     arm, sep, number = item.partition("=")
     arm = arm.strip()
     try:
@@ -182,9 +195,8 @@ def parse_ensembles(name: str, value, presets: Sequence[str]) -> tuple[tuple[str
   """Ensemble compositions: a comma-separated list of '+'-joined augmentation presets, one per
   member ("weak+weak,strong+weak"), each preset one of `presets`; "" = none given (every teacher
   of the teacher model is a member)."""
-  items = value.split(",") if isinstance(value, str) else list(value)
   compositions = []
-  for item in (i.strip() for i in items if str(i).strip()):
+  for item in (str(i).strip() for i in split_list(name, value)):
     members = tuple(m.strip() for m in item.split("+"))
     if not all(members) or any(m not in presets for m in members):
       raise ValueError(f"{name} must be comma-separated ensembles written as the '+'-joined "
@@ -239,7 +251,7 @@ def model_specs(names, kwargs, grid) -> tuple[ModelSpec, ...]:
   points = [dict(zip(keys, (int(v) if v.is_integer() else v for v in point)))
             for point in itertools.product(*(parse_grid(k, grid[k]) for k in keys))]
   specs = []
-  for name in (n.strip() for n in str(names).split(",") if n.strip()):
+  for name in (str(n).strip() for n in split_list("model", names)):
     for point in points:
       merged = {**dict(kwargs), **point}
       specs.append(ModelSpec(name, tuple(sorted(merged.items()))))

@@ -9,20 +9,21 @@ step counts.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import numbers
-import os
 from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 
 from kdjax import _checks
 from kdjax import arms as arms_lib
+from kdjax import configfile
 from kdjax import data as data_lib
 from kdjax import models as models_lib
 from kdjax import optim
 from kdjax import replicas as replicas_lib
+from kdjax import stats
 
 ALL_STAGES = ("teacher", "students", "analysis")
 EXECUTIONS = ("auto", "vmap", "unrolled", "blocked")
@@ -139,12 +140,9 @@ class Study:
 
 
 def load_config(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
-  """The ConfigDict of a config file's `get_config(arg)`, as `--config=PATH[:ARG]` loads it."""
-  name = "kdjax_config_" + os.path.splitext(os.path.basename(path))[0]
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  """The ConfigDict of a config file's `get_config(arg)`, as `--config=PATH[:ARG]` loads it;
+  kdjax.configfile.ConfigFileError (a ValueError, one line) for a file that cannot give one."""
+  return configfile.load(path, arg)
 
 
 def _int(config, key: str, *, low: int) -> int:
@@ -175,6 +173,49 @@ def _get(config, key: str):
   return node
 
 
+def _bool(config, key: str) -> bool:
+  value = _get(config, key)
+  if not isinstance(value, bool):
+    raise ConfigError(key, f"must be True or False, got {value!r}")
+  return value
+
+
+def _check_splits(name: str, spec, splits: dict) -> None:
+  """Refuses data the stages cannot train or evaluate on: an empty split, inputs of another
+  shape than the train split's (`spec.input_shape`), non-finite float inputs, labels outside
+  [0, num_classes), fewer than 2 classes. A class without training examples is allowed (it
+  is never predicted from data, and the metrics count it like any other)."""
+  how = (" (num_classes of npz: and image_folder: data is the largest train label + 1)"
+         if name.startswith(("npz:", "image_folder:")) else "")
+  if spec.num_classes < 2:
+    raise ConfigError("dataset", f"{name} has labels of {spec.num_classes} class(es); a study "
+                      f"needs at least 2 classes{how}")
+  for split, arrays in splits.items():
+    x, y = arrays.get(spec.input_key), np.asarray(arrays["label"])
+    if x is None:
+      raise ConfigError("dataset", f"the {split} split of {name} holds no {spec.input_key!r} "
+                        f"inputs (it holds {', '.join(sorted(arrays))}), unlike the train split")
+    if not len(y):
+      raise ConfigError("dataset", f"the {split} split of {name} has no examples; train and "
+                        "test need at least one each")
+    if tuple(x.shape[1:]) != tuple(spec.input_shape):
+      raise ConfigError("dataset", f"the {split} split of {name} has inputs of shape "
+                        f"{tuple(x.shape[1:])}, but the dataset's are "
+                        f"{tuple(spec.input_shape)}; every example must have that shape")
+    if np.issubdtype(x.dtype, np.floating):
+      finite = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+      if not finite.all():
+        raise ConfigError("dataset", f"the {split} split of {name} has NaN/inf inputs in "
+                          f"{int((~finite).sum())} example(s) (the first: example "
+                          f"{int(np.argmin(finite))}); inputs must be finite")
+    bad = (y < 0) | (y >= spec.num_classes)
+    if bad.any():
+      first = int(np.flatnonzero(bad.reshape(-1))[0])
+      raise ConfigError("dataset", f"the {split} split of {name} has label "
+                        f"{int(y.reshape(-1)[first])} (at flat position {first}); labels must "
+                        f"be integers in [0, {spec.num_classes - 1}]{how}")
+
+
 def _choice(config, key: str, allowed) -> str:
   value = _get(config, key)
   if value not in allowed:
@@ -198,6 +239,9 @@ def _grid(config, key: str, *, low=None, high=None, low_open=False) -> tuple[flo
 def _models(config, key: str, kwargs_key: str, grid_key: str, num_classes: int):
   """The ModelSpecs of `key` (names) x `grid_key` (keyword grids) over `kwargs_key`."""
   grid = config.get(grid_key) or {}
+  names = _names_or_error(lambda: replicas_lib.split_list(key, _get(config, key)), key)
+  if len({str(n).strip() for n in names}) != len(names):
+    raise ConfigError(key, f"lists a model twice: {_get(config, key)!r}")
   try:
     specs = replicas_lib.model_specs(_get(config, key), dict(_get(config, kwargs_key)), grid)
   except ValueError as e:
@@ -210,9 +254,18 @@ def _models(config, key: str, kwargs_key: str, grid_key: str, num_classes: int):
                    dict(spec.kwargs)))
     for blame, kw in blamed:
       try:
-        models_lib.get(name, num_classes=num_classes, **kw)
+        module = models_lib.get(name, num_classes=num_classes, **kw)
       except (ValueError, TypeError) as e:
         raise ConfigError(blame, str(e)) from None
+      # The models check the ranges of numbers only (a string would reach the first trace).
+      defaults = {f.name: f.default for f in dataclasses.fields(module)}
+      for k, v in kw.items():
+        default = defaults.get(k)
+        number = isinstance(default, numbers.Real) and not isinstance(default, bool)
+        if (number and (isinstance(v, bool) or not isinstance(v, numbers.Real))) or (
+            isinstance(default, bool) and not isinstance(v, bool)):
+          raise ConfigError(blame, f"{k} of model {name!r} must be "
+                            f"{'a number' if number else 'True or False'}, got {v!r}")
   return specs
 
 
@@ -243,6 +296,10 @@ def resolve(config, *, num_devices: int | None = None) -> Study:
   for key in ("eval_batch_size", "eval_every_steps", "log_every_steps", "checkpoint_every_steps",
               "keep_checkpoints"):
     _int(config, key, low=1)
+  for key in ("shared_order", "overwrite", "optimizer.nesterov"):  # absent from old configs
+    parent, _, leaf = key.rpartition(".")
+    if leaf in (_get(config, parent) if parent else config):
+      _bool(config, key)
   _choice(config, "student_init", ("teacher", "fresh"))
   _choice(config, "execution", EXECUTIONS)
   if "replicas_per_block" in config:
@@ -274,8 +331,18 @@ def resolve(config, *, num_devices: int | None = None) -> Study:
     analyses = _names_or_error(lambda: replicas_lib.parse_names(
         "analyses", config.analyses, sections.available()), "analyses")
 
+  analysis_options = config.get("analysis_options")
+  if analysis_options is not None:  # the analysis's TOST margins (absent from older configs)
+    try:
+      stats.parse_equivalence_margins(analysis_options.get("equivalence_margins", ""))
+    except ValueError as e:
+      raise ConfigError("analysis_options.equivalence_margins", str(e)) from None
+
   name = _get(config, "dataset")
   data_dir = _get(config, "data_dir") or None
+  if data_dir is not None and not isinstance(data_dir, str):
+    raise ConfigError("data_dir", f"must be a directory name ('' for the default), got "
+                      f"{data_dir!r}")
   try:
     spec = data_lib.spec(name, data_dir=data_dir)
   except ValueError as e:  # includes DatasetNotAvailableError
@@ -290,6 +357,7 @@ def resolve(config, *, num_devices: int | None = None) -> Study:
     test = data_lib.load(name, "test", data_dir=data_dir)
   except ValueError as e:  # includes DatasetNotAvailableError
     raise ConfigError("dataset", str(e)) from None
+  _check_splits(name, spec, {"train": train, "test": test})
   num_train = len(train["label"])
   if batch_size > num_train:
     raise ConfigError("batch_size", f"must be at most the {num_train} training examples")
@@ -449,6 +517,9 @@ def _loss_options(config) -> arms_lib.LossOptions:
                         f"arm_options.{'kd_weight' if key == 'ce_weight' else 'ce_weight'} lists "
                         f"(both weights, or neither for the (1 - alpha, alpha) form); missing "
                         f"{', '.join(missing)}")
+  if not isinstance(o.hint_feature, str) or not o.hint_feature:
+    raise ConfigError(f"{prefix}.hint_feature", "must name a feature of the models (e.g. "
+                      f"'block1'), got {o.hint_feature!r}")
   options = arms_lib.LossOptions(**extra,
       isats_temperatures=isats, dkd_alpha=float(o.dkd_alpha), dkd_beta=float(o.dkd_beta),
       hint_feature=str(o.hint_feature), hint_weight=float(o.hint_weight),

@@ -22,6 +22,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import fcntl
+import glob
 import json
 import os
 import posixpath
@@ -91,11 +92,56 @@ def read_json(path: str):
 
 
 def write_text(path: str, text: str) -> None:
-  _path(path).write_text(text)
+  """Writes the file whole or not at all (`write_bytes`)."""
+  write_bytes(path, text.encode())
 
 
 def write_bytes(path: str, data: bytes) -> None:
-  _path(path).write_bytes(data)
+  """Writes the file whole or not at all: locally into a temporary file beside it, renamed over
+  it once written and synced (an object store replaces an object whole anyway). A failure (a
+  full disk, a signal) leaves the previous file as it was."""
+  if not is_local(path):
+    _path(path).write_bytes(data)
+    return
+  directory, name = os.path.split(os.path.abspath(path))
+  fd, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(temporary, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.unlink(temporary)
+    raise
+
+
+def check_usable(workdir: str) -> None:
+  """Raises ValueError ('--workdir: ...', one line) when a local `workdir` cannot be used: an
+  existing path that is not a directory, a path under a file, or a directory (the workdir or its
+  nearest existing ancestor, where it would be created) in which this process cannot create
+  files. Creates nothing. An object-store workdir is checked by `kvstore_spec`."""
+  if not is_local(workdir):
+    return
+  path = os.path.abspath(workdir)
+  if os.path.lexists(path) and not os.path.isdir(path):
+    what = "a broken symbolic link" if not os.path.exists(path) else "a file"
+    raise ValueError(f"--workdir: {workdir} is {what}, not a directory; give a new directory or "
+                     "the workdir of this study")
+  existing = path
+  while not os.path.lexists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise ValueError(f"--workdir: {workdir} cannot be created: {existing} is not a directory; "
+                     "give a path under a directory")
+  try:  # os.access does not know read-only mounts and the like: try it
+    fd, probe = tempfile.mkstemp(prefix=".kdjax-probe-", dir=existing)
+    os.close(fd)
+    os.unlink(probe)
+  except OSError as e:
+    raise ValueError(f"--workdir: cannot create files in {existing} ({e.strerror or e}); give "
+                     "a directory you can write to") from None
 
 
 def rename(source: str, target: str) -> None:
@@ -131,22 +177,67 @@ def copy_tree(source: str, target: str) -> list[str]:
   return copied
 
 
+class OutputWriteError(RuntimeError):
+  """Outputs that could not be written (a full disk, a lost mount): one line naming the path and
+  the cause; the directory keeps its previous files."""
+
+
 @contextlib.contextmanager
 def staged_dir(directory: str) -> Iterator[str]:
-  """A local directory to write `directory`'s files into: `directory` itself when local;
-  for an object store a temporary local directory whose files are copied there when the
-  block ends without an error (so matplotlib, numpy and any code that wants a local path work
-  unchanged), then deleted."""
-  if is_local(directory):
-    os.makedirs(directory, exist_ok=True)
-    yield directory
-    return
-  local = tempfile.mkdtemp(prefix="kdjax-stage-")
+  """A local directory to write `directory`'s files into, published when the block ends without
+  an error, so that no half-written file is ever in place (a full disk, a kill or a signal while
+  writing leave `directory` with its previous files):
+
+  * local: a temporary sibling directory `.NAME.partial-XXXX` (same filesystem), whose files are
+    then moved into `directory` one by one with an atomic rename; leftovers of a run killed
+    while writing are deleted by the next one (the workdir lock makes it the only writer);
+  * object store: a temporary local directory whose files are copied there (an object is
+    replaced whole).
+
+  An OSError inside the block or while publishing becomes OutputWriteError."""
+  local_target = is_local(directory)
+  if local_target:
+    parent_dir, name = os.path.split(os.path.abspath(directory))
+  try:
+    if local_target:
+      os.makedirs(parent_dir, exist_ok=True)
+      for stale in glob.glob(os.path.join(parent_dir, f".{name}.partial-*")):
+        shutil.rmtree(stale, ignore_errors=True)
+      local = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent_dir)
+    else:
+      local = tempfile.mkdtemp(prefix="kdjax-stage-")
+  except OSError as e:
+    raise _output_error(directory, e) from e
   try:
     yield local
-    copy_tree(local, directory)
+    if local_target:
+      _publish(local, directory)
+    else:
+      copy_tree(local, directory)
+  except OSError as e:
+    raise _output_error(directory, e) from e
   finally:
     shutil.rmtree(local, ignore_errors=True)
+
+
+def _output_error(directory: str, error: OSError) -> OutputWriteError:
+  where = f": {error.filename}" if error.filename else ""
+  return OutputWriteError(
+      f"cannot write {directory} ({error.strerror or error}{where}); it keeps its previous "
+      "files; free space and rerun the same command to write it again")
+
+
+def _publish(local: str, directory: str) -> None:
+  """Moves every file under `local` to the same place under `directory` (atomic renames, within
+  one filesystem), subdirectories' files first, so that the top-level summaries (metrics.json,
+  report.md) appear last."""
+  files = []
+  for root, _, names in os.walk(local):
+    files += [os.path.relpath(os.path.join(root, n), local) for n in names]
+  for relative in sorted(files, key=lambda p: (-p.count(os.sep), p)):
+    target = os.path.join(directory, relative)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    os.replace(os.path.join(local, relative), target)
 
 
 # ---------------------------------------------------------------------------------- TensorBoard

@@ -42,6 +42,8 @@ from __future__ import annotations
 
 import functools
 import os
+import zipfile
+import zlib
 
 from etils import epath
 import numpy as np
@@ -140,7 +142,9 @@ def spec(name: str, *, data_dir: str | None = None) -> DatasetSpec:
 
 
 def _computed_spec(name: str, train: dict[str, np.ndarray]) -> DatasetSpec:
-  num_classes = int(train["label"].max()) + 1 if len(train["label"]) else 0
+  if not len(train["label"]):
+    raise ValueError(f"dataset {name}: the train split has no examples")
+  num_classes = int(train["label"].max()) + 1
   if "vector" in train:
     return DatasetSpec(name, num_classes, "vector", "vector", train["vector"].shape[1:])
   x = train["image"]
@@ -234,6 +238,21 @@ def _load_tfds(base: str, arg: str, split: str, data_dir: str) -> dict[str, np.n
     if builder.is_prepared():
       raise
     raise _not_available(base, data_dir) from None
+  try:
+    return _tfds_arrays(base, arg, ds, tfds, tf)
+  except Exception as e:  # pylint: disable=broad-except  (TF's errors: damaged record files)
+    raise ValueError(f"dataset {base!r} in {data_dir} cannot be read ({_cause(e)}); prepare it "
+                     f"again with: tfds build {base} --data_dir={data_dir}") from None
+
+
+def _cause(error: BaseException) -> str:
+  """An error's first line (TensorFlow's messages run on with a stack of ops)."""
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  first = lines[0] if lines else ""
+  return f"{type(error).__name__}: {first[:200]}{'...' if len(first) > 200 else ''}"
+
+
+def _tfds_arrays(base: str, arg: str, ds, tfds, tf) -> dict[str, np.ndarray]:
   if base not in ("speech_commands", *TEXT_LENGTH):
     return _as_numpy(ds, keys=("image", "label", "coarse_label"))
   if base == "tiny_shakespeare":
@@ -268,28 +287,44 @@ def shakespeare_windows(text: bytes, length: int) -> dict[str, np.ndarray]:
           "label": ids[1:n * length + 1].reshape(n, length)}
 
 
+NPZ_USAGE = "write it with np.savez(PATH, x_train=..., y_train=..., x_test=..., y_test=...)"
+
+
 def _load_npz(path: str, split: str) -> dict[str, np.ndarray]:
+  """One split of an npz archive. Whatever is wrong with the file (missing, not an npz archive,
+  truncated, object arrays, missing or mismatched arrays) raises a ValueError naming the file
+  and what it must hold (DatasetNotAvailableError when it is not there)."""
   _checks.check_choice("split", split, ("train", "test"))
   path = os.path.expanduser(path)
   if not os.path.isfile(path):
-    raise DatasetNotAvailableError(
-        f"npz file {path} not found; write one with "
-        "np.savez(PATH, x_train=..., y_train=..., x_test=..., y_test=...)")
-  with np.load(path, allow_pickle=False) as f:
-    missing = {f"x_{split}", f"y_{split}"} - set(f.files)
-    if missing:
-      raise ValueError(f"npz file {path} lacks {sorted(missing)}; it needs x_train, y_train, "
-                       f"x_test, y_test")
-    x, y = f[f"x_{split}"], f[f"y_{split}"]
+    raise DatasetNotAvailableError(f"npz file {path} not found; {NPZ_USAGE}")
+  try:
+    with open(path, "rb") as f:
+      magic = f.read(4)
+    # np.load reads anything that is not a zip archive as a pickle or a bare .npy array.
+    if magic != b"PK\x03\x04":
+      raise ValueError("not a zip archive")
+    with np.load(path, allow_pickle=False) as f:
+      missing = {f"x_{split}", f"y_{split}"} - set(f.files)
+      if missing:
+        raise ValueError(f"it lacks {', '.join(sorted(missing))}; it needs x_train, y_train, "
+                         "x_test, y_test")
+      x, y = f[f"x_{split}"], f[f"y_{split}"]
+  except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as e:
+    cause = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+    if isinstance(e, (zipfile.BadZipFile, zlib.error, EOFError)):
+      cause = f"damaged archive: {cause}"
+    raise ValueError(f"npz file {path} cannot be read as an npz archive ({cause}); "
+                     f"{NPZ_USAGE}") from None
   if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
-    raise ValueError(f"npz y_{split} must be integer labels of shape [{len(x)}], got "
-                     f"{y.dtype} {y.shape}")
+    raise ValueError(f"npz file {path}: y_{split} must be integer labels of shape [{len(x)}] "
+                     f"(one per example of x_{split}), got {y.dtype} {y.shape}")
   if x.ndim == 2 and np.issubdtype(x.dtype, np.floating):
     return {"vector": x.astype(np.float32), "label": y}
   if x.ndim in (3, 4) and x.dtype == np.uint8:
     return {"image": x[..., None] if x.ndim == 3 else x, "label": y}
-  raise ValueError(f"npz x_{split} must be uint8 images [N, H, W(, C)] or float vectors [N, D], "
-                   f"got {x.dtype} {x.shape}")
+  raise ValueError(f"npz file {path}: x_{split} must be uint8 images [N, H, W(, C)] or float "
+                   f"vectors [N, D], got {x.dtype} {x.shape}")
 
 
 def _load_image_folder(name: str, path: str, split: str) -> dict[str, np.ndarray]:
@@ -298,8 +333,13 @@ def _load_image_folder(name: str, path: str, split: str) -> dict[str, np.ndarray
     raise DatasetNotAvailableError(f"image folder {os.path.join(root, split)} not found; "
                                    f"expected {root}/<split>/<class>/<image files>")
   tfds = tfds_module(name)
-  builder = tfds.folder_dataset.ImageFolder(root)
-  out = _as_numpy(builder.as_dataset(split=split, shuffle_files=False))
+  try:
+    builder = tfds.folder_dataset.ImageFolder(root)
+    out = _as_numpy(builder.as_dataset(split=split, shuffle_files=False))
+  except Exception as e:  # pylint: disable=broad-except  (TF's errors: undecodable, mixed sizes)
+    raise ValueError(f"image folder {os.path.join(root, split)} cannot be read ({_cause(e)}); "
+                     f"it must hold {root}/<split>/<class>/<image files>, decodable images of "
+                     "one size") from None
   order = np.argsort(out["image/filename"])  # ImageFolder shuffles; file order is reproducible.
   return {"image": out["image"][order], "label": out["label"][order]}
 
