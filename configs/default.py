@@ -104,6 +104,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "regt_weight": 0.05,         # regt: weight of the non-target variance reward (in [0, 1])
   })
 
+  # How the analysis tests the arms (kdjax/analysis/statistics.py). equivalence_margins: the
+  # +-margin of each metric's equivalence test (TOST), "METRIC=MARGIN,..." in the metric's units;
+  # metrics not listed keep these defaults (1 point of accuracy, agreement and ECE; 5 points on
+  # the teacher's errors, measured on few points; small fractions of the divergences' ranges).
+  # Changing it changes only the analysis: rerun with --config.stages=analysis.
+  config.analysis_options = ml_collections.ConfigDict({
+      "equivalence_margins": "accuracy=0.01,agreement=0.01,agree_when_teacher_correct=0.01,"
+                             "agree_when_teacher_incorrect=0.05,js_divergence=0.005,"
+                             "activation_distance=0.02,kl_divergence=0.02,"
+                             "rank_disagreement=0.02,mutual_information=0.05,ece=0.01",
+  })
+
   # Execution, evaluation, checkpoints.
   # How each stage's replicas run (README, "What a study costs"): 'auto' = 'blocked' on CPU,
   # 'vmap' on GPU/TPU; 'blocked' compiles one program per block of replicas_per_block replicas

@@ -21,6 +21,8 @@ import pytest
 import scipy.stats
 from PIL import Image
 
+from kdjax import stats
+
 import _cli
 # A persistent compilation cache for this module, shared with the command's runs: the analysis
 # re-run and the in-process analysis reuse the first analysis' programs.
@@ -39,6 +41,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STUDY_FLAGS = ["--config.model=mlp", "--config.num_seeds=3", "--config.num_epochs=1",
                "--config.teacher_num_epochs=1", "--config.num_teachers=2",
                "--config.execution=vmap"]
+DEFAULT_MARGINS = {  # configs/default.py's analysis_options.equivalence_margins
+    "accuracy": 0.01, "agreement": 0.01, "agree_when_teacher_correct": 0.01,
+    "agree_when_teacher_incorrect": 0.05, "js_divergence": 0.005, "activation_distance": 0.02,
+    "kl_divergence": 0.02, "rank_disagreement": 0.02, "mutual_information": 0.05, "ece": 0.01}
 METRICS = ("accuracy", "agreement", "agree_when_teacher_correct", "agree_when_teacher_incorrect",
            "js_divergence", "activation_distance", "kl_divergence", "rank_disagreement",
            "mutual_information", "ece")
@@ -46,7 +52,8 @@ NPZ_KEYS = {"labels", "teacher_logits", "student_logits", "replica_arm", "replic
             "replica_teacher", "replica_alpha", "replica_temperature",
             # beyond DESIGN.md: the model of each student and teacher (several in one study)
             "replica_model", "teacher_model"}
-OUTPUTS = ("metrics.json", "report.md", "plots/confidence_scatter.png",
+OUTPUTS = ("metrics.json", "report.md", "replicas.csv", "classes.csv",
+           "plots/confidence_scatter.png",
            "plots/agreement_split.png", "plots/metrics.png")
 
 
@@ -232,6 +239,14 @@ def test_arm_summaries_equal_numpy_and_scipy(study):
       if np.ptp(x) == 0:
         assert s["ci_low"] == s["ci_high"] == s["mean"]
         continue
+      teachers = [r["teacher"] for r in rows if r["metrics"][m] is not None]
+      assert s["n_teachers"] == len(set(teachers))
+      if len(set(teachers)) > 1:  # students nested in teachers: the two-stage bootstrap
+        assert s["ci_method"] == "cluster"
+        low, high = stats.cluster_bootstrap_ci(x, teachers, num_resamples=10_000, seed=0)
+        assert (s["ci_low"], s["ci_high"]) == (low, high)
+        continue
+      assert s["ci_method"] == "percentile"
       ci = scipy.stats.bootstrap((x,), np.mean, n_resamples=10_000, confidence_level=0.95,
                                  method="percentile", rng=np.random.default_rng(0))
       assert close(s["ci_low"], float(ci.confidence_interval.low), atol=1e-12, rtol=1e-12)
@@ -251,22 +266,134 @@ def test_tests_equal_scipy_and_holm(study):
       x = np.array([v for v in x if v is not None])
       y = np.array([v for v in y if v is not None])
       assert (t["n_a"], t["n_b"]) == (x.size, y.size)
+      # Seeds 0, 1, 2 in every arm, each with its teacher s mod 2: seed-matched pairs, so the
+      # Wilcoxon signed-rank test on the differences (scipy's, every sign flip enumerated).
+      assert t["test"] == "wilcoxon" and t["n_pairs"] == 3 and "seed-matched" in t["test_reason"]
+      d = x - y
+      nonzero = d[d != 0]
+      if nonzero.size == 0:
+        assert (t["statistic"], t["p_value"], t["effect_size"]) == (0.0, 1.0, 0.0)
+      else:
+        ref = scipy.stats.wilcoxon(nonzero, method=scipy.stats.PermutationMethod(
+            n_resamples=np.inf))
+        assert t["p_value"] == pytest.approx(float(ref.pvalue), rel=1e-12)
+        ranks = scipy.stats.rankdata(np.abs(nonzero))
+        assert t["statistic"] == pytest.approx(ranks[nonzero > 0].sum())
+        assert t["effect_size"] == pytest.approx(
+            (ranks[nonzero > 0].sum() - ranks[nonzero < 0].sum()) / ranks.sum())
+      # The smallest p the test can reach with 3 pairs, 0.25, and Holm's 10 x that.
+      assert t["power"]["min_p"] == 0.25 and t["power"]["min_p_holm"] == 1.0
+      assert t["power"]["verdict_possible"] is False and t["power"]["seeds_for_verdict"] == 9
+      # TOST in its paired form, against statsmodels.
+      from statsmodels.stats.weightstats import ttost_paired
+      e = t["equivalence"]
+      margin = DEFAULT_MARGINS[t["metric"]]
+      assert e["margin"] == margin and e["test"] == "TOST paired t"
+      if np.ptp(d) > 0:
+        assert e["p_value"] == pytest.approx(float(ttost_paired(x, y, -margin, margin)[0]),
+                                             rel=1e-9)
+      # The Mann-Whitney result of the same values is kept beside it.
+      u = t["unpaired"]
       if np.ptp(np.concatenate([x, y])) == 0:  # no variation: U = n1 n2 / 2, p = 1 by contract
-        assert (t["statistic"], t["p_value"]) == (x.size * y.size / 2, 1.0)
+        assert (u["statistic"], u["p_value"]) == (x.size * y.size / 2, 1.0)
         continue
       # 3 vs 3 seeds: exact without ties, else every split of the pooled values enumerated
       # (scipy's default would take the normal approximation whenever values tie).
       tied = np.unique(np.concatenate([x, y])).size < x.size + y.size
-      assert t["p_method"] == ("permutation" if tied else "exact")
+      assert u["p_method"] == ("permutation" if tied else "exact")
       method = scipy.stats.PermutationMethod(n_resamples=np.inf) if tied else "exact"
       ref = scipy.stats.mannwhitneyu(x, y, alternative="two-sided", method=method)
-      assert t["statistic"] == pytest.approx(float(ref.statistic), abs=1e-12)
-      assert t["p_value"] == pytest.approx(float(ref.pvalue), rel=1e-12)
+      assert u["statistic"] == pytest.approx(float(ref.statistic), abs=1e-12)
+      assert u["p_value"] == pytest.approx(float(ref.pvalue), rel=1e-12)
       diff = x[:, None] - y[None, :]
       rank_biserial = (np.sum(diff > 0) - np.sum(diff < 0)) / diff.size
-      assert t["effect_size"] == pytest.approx(rank_biserial, abs=1e-12)
+      assert u["effect_size"] == pytest.approx(rank_biserial, abs=1e-12)
     holm = np_holm([t["p_value"] for t in block])
     np.testing.assert_allclose([t["p_holm"] for t in block], holm, rtol=1e-12)
+    tost_holm = np_holm([t["equivalence"]["p_value"] for t in block])
+    np.testing.assert_allclose([t["equivalence"]["p_holm"] for t in block], tost_holm,
+                               rtol=1e-12)
+
+
+def test_unpaired_arms_keep_mann_whitney():
+  """A control whose seeds do not all match: Mann-Whitney, and the record says why."""
+  from kdjax.analysis import statistics  # pylint: disable=g-import-not-at-top
+  groups = [statistics.Group("kd", "kd", (), (0, 1, 2), (0, 1, 2)),
+            statistics.Group("rcd", "rcd", (), (3, 4, 5), (3, 4, 5))]
+  metrics = [{"accuracy": v} for v in (0.93, 0.95, 0.96, 0.88, 0.87, 0.90)]
+  keys = [(0, 0), (1, 0), (2, 0), (0, 0), (5, 0), (6, 0)]
+  (record,) = statistics.run_tests(groups, metrics, ["accuracy"], pair_keys=keys)
+  assert record["test"] == "mann_whitney" and "not paired" in record["test_reason"]
+  assert record["p_value"] == pytest.approx(0.1)  # exact, 3 vs 3 separated
+  keys[4], keys[5] = (1, 0), (2, 0)
+  (record,) = statistics.run_tests(groups, metrics, ["accuracy"], pair_keys=keys)
+  assert record["test"] == "wilcoxon" and record["p_value"] == pytest.approx(0.25)
+
+
+def test_csv_tables_read_back_equal_metrics_json(study):
+  import csv  # pylint: disable=g-import-not-at-top
+  results = study["metrics"]
+  with open(os.path.join(study["out"], "replicas.csv"), newline="") as f:
+    rows = list(csv.DictReader(f))
+  assert len(rows) == len(results["replicas"]) == 9
+  for row, record in zip(rows, results["replicas"]):
+    assert int(row["index"]) == record["index"] and row["arm"] == record["arm"]
+    assert int(row["seed"]) == record["seed"]
+    assert int(row["compared_teacher"]) == record["teacher"]
+    assert float(row["alpha"]) == record["alpha"] and row["group"] == record["arm"]
+    assert row["diverged"] == "false" and row["excluded"] == "false"
+    for m in METRICS:
+      value = record["metrics"][m]
+      assert (row[m] == "") if value is None else float(row[m]) == value, m
+  with open(os.path.join(study["out"], "classes.csv"), newline="") as f:
+    rows = list(csv.DictReader(f))
+  classes = results["classes"]
+  assert len(rows) == 10 * 3
+  p = study["preds"]
+  y = p["labels"]
+  for row in rows:
+    c, g = int(row["class"]), classes["groups"][row["group"]]
+    assert int(row["examples"]) == classes["examples"][c] == int(np.sum(y == c))
+    for key in ("accuracy", "agreement", "teacher_accuracy"):
+      assert float(row[key]) == g[key][c]
+    # numpy from predictions.npz: the mean over the group's students of the per-class rates.
+    members = [i for i, arm in enumerate(p["replica_arm"]) if arm == row["group"]]
+    on_c = y == c
+    acc = np.mean([np.mean(p["student_logits"][i][on_c].argmax(-1) == c) for i in members])
+    agree = np.mean([np.mean(p["student_logits"][i][on_c].argmax(-1) == p["teacher_logits"][
+        p["replica_teacher"][i]][on_c].argmax(-1)) for i in members])
+    assert float(row["accuracy"]) == pytest.approx(acc) and float(row["agreement"]) == \
+        pytest.approx(agree)
+  # Per-class accuracy weighted by the class sizes is the arm's mean accuracy.
+  for name, g in classes["groups"].items():
+    weighted = np.dot(g["accuracy"], classes["examples"]) / np.sum(classes["examples"])
+    assert weighted == pytest.approx(results["arms"][name]["accuracy"]["mean"], abs=1e-6)
+
+
+def test_null_references_equal_numpy_recomputation(study):
+  p, ref = study["preds"], study["metrics"]["null_reference"]
+  for arm in ("kd", "rcd", "siddo"):
+    members = [i for i, a in enumerate(p["replica_arm"]) if a == arm]
+    pairs = [(i, j) for k, i in enumerate(members) for j in members[k + 1:]]
+    entry = ref["student_pairs"][arm]
+    assert entry["n_pairs"] == len(pairs) == 3
+    values = [np_similarity(p["student_logits"][j], p["student_logits"][i], p["labels"])
+              for i, j in pairs]
+    for m in ("agreement", "js_divergence", "kl_divergence", "rank_disagreement"):
+      assert close(entry["metrics"][m]["mean"], float(np.mean([v[m] for v in values]))), m
+      assert close(entry["metrics"][m]["min"], float(np.min([v[m] for v in values]))), m
+  assert ref["teacher_pairs"]["mean"] == study["metrics"]["teacher_agreement"]["mean"]
+  assert ref["teacher_onehot"] == {}  # the study has no onehot arm
+
+
+def test_bad_equivalence_margins_are_one_config_error():
+  from kdjax import study as study_lib  # pylint: disable=g-import-not-at-top
+  config = study_lib.load_config(os.path.join(REPO, "configs", "default.py"))
+  config.analysis_options.equivalence_margins = "accuracy=-0.01"
+  with pytest.raises(study_lib.ConfigError) as error:
+    study_lib.resolve(config)
+  assert str(error.value).startswith("--config.analysis_options.equivalence_margins: ")
+  assert "\n" not in str(error.value)
 
 
 def test_report_names_every_arm_and_explains_the_tests(study):
@@ -275,7 +402,11 @@ def test_report_names_every_arm_and_explains_the_tests(study):
                "Holm-corrected across the 10 metrics of each comparison",
                "--config.stages=analysis", "Teacher-teacher similarity",
                "(plots/confidence_scatter.png)", "(plots/agreement_split.png)",
-               "(plots/metrics.png)", "| teacher | seed |", "## Diverged and excluded replicas"):
+               "(plots/metrics.png)", "| teacher | seed |", "## Diverged and excluded replicas",
+               # issue 15: the test and why, TOST, power, null references, nested teachers
+               "Test: Wilcoxon signed-rank on 3 seed-matched pairs", "TOST p_holm",
+               "## Power", "## Null references", "cluster bootstrap", "replicas.csv",
+               "> **No verdict is possible for KD vs RCD:**", "`--config.num_seeds=9`"):
     assert text in report, text
   assert "`kd`, `rcd`, `siddo`" in report
   # Every comparison has a verdict in words.
@@ -285,7 +416,7 @@ def test_report_names_every_arm_and_explains_the_tests(study):
 
 
 def test_plots_are_real_pngs(study):
-  for name in OUTPUTS[2:]:
+  for name in (o for o in OUTPUTS if o.endswith(".png")):
     path = os.path.join(study["out"], name)
     assert os.path.getsize(path) > 10_000, name
     with Image.open(path) as image:

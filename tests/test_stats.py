@@ -416,3 +416,291 @@ def test_analysis_records_the_p_value_method_of_every_test():
   assert by_metric["js_divergence"]["p_method"] == "exact"
   assert by_metric["js_divergence"]["p_value"] == pytest.approx(0.1)
   assert json.loads(json.dumps(records)) == records
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 15: Wilcoxon signed-rank, TOST, cluster bootstrap, power.
+
+
+def _sign_flip_p(d, alternative="two-sided") -> float:
+  """Brute force: every one of the 2^n' sign assignments of the non-zero |d| (zeros dropped),
+  W+ on average ranks, p as the fraction at least as extreme (two-sided: 2 min, capped)."""
+  d = np.asarray(d, float)
+  d = d[d != 0]
+  ranks = scipy.stats.rankdata(np.abs(d))
+  observed = ranks[d > 0].sum()
+  signs = np.array(list(itertools.product([0, 1], repeat=d.size)), float)
+  w = signs @ ranks
+  greater = np.mean(w >= observed - 1e-9)
+  less = np.mean(w <= observed + 1e-9)
+  return {"greater": greater, "less": less,
+          "two-sided": min(1.0, 2 * min(greater, less))}[alternative]
+
+
+@pytest.mark.parametrize("n", [3, 6, 9])
+@pytest.mark.parametrize("alternative", ALTERNATIVES)
+def test_wilcoxon_without_ties_is_scipys_exact_test_and_enumeration(n, alternative):
+  rng = np.random.default_rng(n)
+  x, y = rng.normal(0.4, 1, n), rng.normal(0, 1, n)
+  result = stats.wilcoxon_signed_rank(x, y, alternative=alternative)
+  ref = scipy.stats.wilcoxon(x, y, alternative=alternative, method="exact")
+  assert result.method == "exact"
+  assert result.p_value == pytest.approx(float(ref.pvalue), rel=1e-12)
+  assert result.p_value == pytest.approx(_sign_flip_p(x - y, alternative), rel=1e-12)
+  d = x - y
+  ranks = scipy.stats.rankdata(np.abs(d))
+  assert result.statistic == pytest.approx(ranks[d > 0].sum())
+  assert result.effect_size == pytest.approx(
+      (ranks[d > 0].sum() - ranks[d < 0].sum()) / ranks.sum())
+
+
+@pytest.mark.parametrize("d", [
+    [0.02, 0.02, -0.01, 0.03, 0.0, 0.02, 0.01, -0.01],   # ties and a zero (accuracy-like)
+    [1, 1, 1, -1, 1, 1, 0, 0, 1, 1],                      # all |d| tied: the sign test
+    [0.5, 0.0, 0.0, 0.25, 0.25, 0.5, -0.25],
+])
+@pytest.mark.parametrize("alternative", ALTERNATIVES)
+def test_wilcoxon_ties_and_zeros_against_sign_flip_enumeration(d, alternative):
+  y = np.full(len(d), 0.5)  # exact differences: x - y == d
+  x = y + np.array(d, float)
+  result = stats.wilcoxon_signed_rank(x, y, alternative=alternative)
+  assert result.method == "permutation"
+  assert result.num_nonzero == int(np.sum(np.array(d) != 0))
+  assert result.p_value == pytest.approx(_sign_flip_p(x - y, alternative), rel=1e-9)
+  if np.all(np.abs(np.array(d)[np.array(d) != 0]) == 1):  # the sign test (binomial) p-value
+    k = int(np.sum(np.array(d) > 0))
+    n = int(np.sum(np.array(d) != 0))
+    if alternative == "two-sided":
+      binom = scipy.stats.binom(n, 0.5)
+      assert result.p_value == pytest.approx(min(1, 2 * min(binom.sf(k - 1), binom.cdf(k))))
+
+
+def test_wilcoxon_degenerate_asymptotic_and_invalid():
+  assert stats.wilcoxon_signed_rank([1, 2, 3], [1, 2, 3]) == (0.0, 1.0, 0.0, "exact", 0)
+  rng = np.random.default_rng(0)
+  d = np.round(rng.normal(0.3, 1, 30), 1)  # many tied |d|, n' > 16
+  result = stats.wilcoxon_signed_rank(d, np.zeros(30))
+  assert result.method == "asymptotic"
+  ref = scipy.stats.wilcoxon(d[d != 0], method="asymptotic", correction=True)
+  assert result.p_value == pytest.approx(float(ref.pvalue), rel=1e-12)
+  with pytest.raises(ValueError, match="paired"):
+    stats.wilcoxon_signed_rank([1, 2, 3], [1, 2])
+  with pytest.raises(ValueError, match="NaN"):
+    stats.wilcoxon_signed_rank([1, np.nan], [1, 2])
+
+
+def _textbook_tost(d, margin, alpha=0.05):
+  """Schuirmann's TOST written from the formulas: t1 = (mean + m) / se, t2 = (mean - m) / se,
+  p1 = P(T_{n-1} >= t1), p2 = P(T_{n-1} <= t2)."""
+  n = len(d)
+  se = np.std(d, ddof=1) / math.sqrt(n)
+  t1, t2 = (np.mean(d) + margin) / se, (np.mean(d) - margin) / se
+  p1, p2 = scipy.stats.t.sf(t1, n - 1), scipy.stats.t.cdf(t2, n - 1)
+  half = scipy.stats.t.ppf(1 - alpha, n - 1) * se
+  return max(p1, p2), p1, p2, np.mean(d) - half, np.mean(d) + half
+
+
+def test_tost_paired_known_answers():
+  # Differences with mean 0.002 and sd 0.004 over 10 pairs: se = 0.004 / sqrt(10) = 0.001265;
+  # against +-0.01: t = (0.002 + 0.01) / se = 9.49 and (0.002 - 0.01) / se = -6.32, df 9.
+  base = np.array([-1, 1, -1, 1, -1, 1, -1, 1, -1, 1], float)
+  d = 0.002 + 0.004 * base * math.sqrt(9 / 10)  # sd(ddof=1) exactly 0.004
+  assert np.std(d, ddof=1) == pytest.approx(0.004)
+  y = np.full(10, 0.9)
+  result = stats.tost(y + d, y, 0.01, paired=True)
+  p, p1, p2, lo, hi = _textbook_tost(d, 0.01)
+  assert (result.p_value, result.p_lower, result.p_upper) == pytest.approx((p, p1, p2), rel=1e-9)
+  assert result.p_upper == pytest.approx(scipy.stats.t.cdf(-0.008 / (0.004 / math.sqrt(10)), 9))
+  assert result.p_value < 1e-4 and (result.ci_low, result.ci_high) == pytest.approx((lo, hi))
+  assert result.method == "paired t" and result.df == 9
+  # Against +-0.002 the mean difference sits on the margin: p_upper = 0.5, not equivalent.
+  on_margin = stats.tost(y + d, y, 0.002, paired=True)
+  assert on_margin.p_upper == pytest.approx(0.5) and on_margin.p_value == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_tost_matches_statsmodels_and_the_ci_rule(seed):
+  from statsmodels.stats.weightstats import ttost_ind, ttost_paired
+  rng = np.random.default_rng(seed)
+  x, y = rng.normal(0.93, 0.01, 8), rng.normal(0.935, 0.015, 8)
+  for margin in (0.005, 0.01, 0.02):
+    paired = stats.tost(x, y, margin, paired=True)
+    ref = ttost_paired(x, y, -margin, margin)
+    assert paired.p_value == pytest.approx(float(ref[0]), rel=1e-9)
+    assert paired.p_lower == pytest.approx(float(ref[1][1]), rel=1e-9)
+    assert paired.p_upper == pytest.approx(float(ref[2][1]), rel=1e-9)
+    welch = stats.tost(x, y, margin, paired=False)
+    ref = ttost_ind(x, y, -margin, margin, usevar="unequal")
+    assert welch.p_value == pytest.approx(float(ref[0]), rel=1e-9)
+    assert welch.df == pytest.approx(float(ref[1][2]), rel=1e-9)
+    for r in (paired, welch):  # equivalent at 0.05 <=> the 90% CI lies inside +-margin
+      assert (r.p_value <= 0.05) == (-margin < r.ci_low and r.ci_high < margin)
+
+
+def test_tost_no_variation_and_invalid():
+  same = stats.tost([1, 2, 3], [1, 2, 3], 0.1, paired=True)
+  assert (same.p_value, same.difference, same.ci_low, same.ci_high) == (0.0, 0.0, 0.0, 0.0)
+  far = stats.tost([1, 2, 3], [0.5, 1.5, 2.5], 0.1, paired=True)
+  assert far.p_value == 1.0
+  with pytest.raises(ValueError, match="margin"):
+    stats.tost([1, 2], [1, 2], 0.0, paired=True)
+
+
+def test_cluster_bootstrap_coverage_on_simulated_nested_data():
+  """Students nested in teachers (teacher effect sd 1, student sd 0.5, 12 teachers x 4
+  students): the two-stage bootstrap covers the true mean about as often as promised (it is
+  conservative by design), while the students-only percentile bootstrap, which ignores the
+  nesting, covers far less."""
+  rng = np.random.default_rng(0)
+  num_sims, k, m = 200, 12, 4
+  clusters = np.repeat(np.arange(k), m)
+  hits_cluster = hits_naive = 0
+  for s in range(num_sims):
+    x = np.repeat(rng.normal(0, 1, k), m) + rng.normal(0, 0.5, k * m)
+    lo, hi = stats.cluster_bootstrap_ci(x, clusters, num_resamples=1000, seed=s)
+    hits_cluster += lo <= 0 <= hi
+    lo, hi = stats.bootstrap_ci(x, num_resamples=1000, seed=s)
+    hits_naive += lo <= 0 <= hi
+  assert 0.88 <= hits_cluster / num_sims <= 1.0
+  assert hits_naive / num_sims < 0.8
+
+
+def test_cluster_bootstrap_deterministic_constant_and_one_stage_variance():
+  x = np.arange(12.0)
+  clusters = [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+  assert stats.cluster_bootstrap_ci(x, clusters, seed=3) == stats.cluster_bootstrap_ci(
+      x, clusters, seed=3)
+  assert stats.cluster_bootstrap_ci([2.0] * 4, [0, 0, 1, 1]) == (2.0, 2.0)
+  # Identical students within each teacher: only the teacher draw varies, so the interval is
+  # the percentile interval of the mean of K draws from the 4 teacher means (closed form of
+  # its spread: sd = sqrt(var_pop / K)).
+  means = np.array([1.0, 2.0, 4.0, 8.0])
+  x = np.repeat(means, 3)
+  lo, hi = stats.cluster_bootstrap_ci(x, np.repeat(np.arange(4), 3), num_resamples=40_000)
+  sd = math.sqrt(np.var(means) / 4)
+  assert (hi - lo) == pytest.approx(2 * 1.96 * sd, rel=0.12)
+  with pytest.raises(ValueError, match="one label per value"):
+    stats.cluster_bootstrap_ci([1.0, 2.0], [0])
+
+
+def test_summarize_uses_the_cluster_bootstrap_with_several_teachers():
+  x = [0.9, 0.91, 0.93, 0.95, 0.96, 0.97]
+  one = stats.summarize(x, clusters=[0] * 6)
+  assert (one["ci_low"], one["ci_high"]) == stats.bootstrap_ci(x)
+  two = stats.summarize(x, clusters=[0, 1, 0, 1, 0, 1])
+  assert (two["ci_low"], two["ci_high"]) == stats.cluster_bootstrap_ci(x, [0, 1, 0, 1, 0, 1])
+
+
+def test_min_p_value_closed_forms_and_enumeration():
+  for n in (3, 5, 8):  # all differences of one sign
+    assert stats.min_p_value("wilcoxon", n) == pytest.approx(
+        _sign_flip_p(np.arange(1.0, n + 1)))
+  for n_a, n_b in ((3, 3), (3, 5), (8, 8)):  # complete separation
+    x, y = np.arange(n_a) + 100.0, np.arange(n_b) + 0.0
+    assert stats.min_p_value("mann_whitney", n_a, n_b) == pytest.approx(
+        scipy.stats.mannwhitneyu(x, y, method="exact").pvalue)
+  assert stats.min_p_value("mann_whitney", 20, 20, method="monte_carlo") == 2 / 10_000
+  z = (64 / 2 - 0.5) / math.sqrt(64 * 17 / 12)
+  assert stats.min_p_value("mann_whitney", 8, 8, method="asymptotic") == pytest.approx(
+      2 * scipy.stats.norm.sf(z))
+  # Holm over 10 metrics: Wilcoxon needs 2^n >= 400 (n = 9), Mann-Whitney C(2n, n) >= 400 (6).
+  assert stats.seeds_for_verdict("wilcoxon", 10) == 9
+  assert stats.seeds_for_verdict("mann_whitney", 10) == 6
+  assert stats.seeds_for_verdict("wilcoxon", 1) == 6  # 2 / 2^6 = 0.031
+
+
+def test_null_distributions_equal_enumeration():
+  for n in range(1, 9):
+    counts = stats.signed_rank_null_counts(n)
+    sums = [sum(s) for r in range(n + 1) for s in itertools.combinations(range(1, n + 1), r)]
+    np.testing.assert_array_equal(counts, np.bincount(sums, minlength=n * (n + 1) // 2 + 1))
+  for n_a, n_b in ((2, 3), (3, 3), (4, 2)):
+    u = []
+    pooled = np.arange(n_a + n_b)
+    for chosen in itertools.combinations(range(n_a + n_b), n_a):
+      x = pooled[list(chosen)]
+      y = np.setdiff1d(pooled, x)
+      u.append(int(np.sum(x[:, None] > y[None, :])))
+    np.testing.assert_array_equal(stats.rank_sum_null_counts(n_a, n_b),
+                                  np.bincount(u, minlength=n_a * n_b + 1))
+
+
+def test_resampled_p_values_equal_scipy_on_tie_free_draws():
+  rng = np.random.default_rng(0)
+  x, y = rng.normal(0.3, 1, 9), rng.normal(0, 1, 9)
+  for paired in (True, False):
+    p = stats.resampled_p_values(x, y, 7, paired=paired, num_simulations=20,
+                                 rng=np.random.default_rng(1))
+    draws = np.random.default_rng(1)
+    if paired:
+      d = stats.smoothed_resample(x - y, (20, 7), draws)
+      ref = [scipy.stats.wilcoxon(row, method="exact").pvalue for row in d]
+    else:
+      xs, ys = stats.smoothed_resample(x, (20, 7), draws), stats.smoothed_resample(y, (20, 7),
+                                                                                  draws)
+      ref = [scipy.stats.mannwhitneyu(a, b, method="exact").pvalue for a, b in zip(xs, ys)]
+    np.testing.assert_allclose(p, ref, rtol=1e-9)
+
+
+def test_smoothed_resample_keeps_mean_and_variance():
+  x = np.array([0.91, 0.93, 0.93, 0.94, 0.95, 0.97, 0.98, 0.99])
+  draws = stats.smoothed_resample(x, (200_000,), np.random.default_rng(0))
+  assert np.mean(draws) == pytest.approx(np.mean(x), abs=2e-4)
+  assert np.var(draws) == pytest.approx(np.var(x), rel=0.02)  # population variance of x
+  assert np.unique(draws).size == draws.size
+
+
+def test_power_against_closed_forms():
+  # Every difference far above zero: every simulated study has all differences positive, so the
+  # power is 1 exactly when 2 / 2^n <= alpha: n = 6 at 0.05, 9 at 0.005.
+  x, y = np.array([1.0, 1.1, 1.2, 1.3]), np.zeros(4)
+  assert stats.seeds_for_power(x, y, paired=True, alpha=0.05) == 6
+  assert stats.seeds_for_power(x, y, paired=True, alpha=0.005) == 9
+  # Complete separation for Mann-Whitney: 2 / C(2n, n) <= 0.05 from n = 4 (C(8, 4) = 70).
+  assert stats.seeds_for_power(x + 10, y + np.arange(4) * 0.1, paired=False) == 4
+  # Under H0 (differences symmetric about 0) the rejection rate is the test's size, which the
+  # enumeration of all 2^8 sign assignments gives in closed form.
+  d = np.array([-0.4, -0.3, -0.2, -0.1, 0.1, 0.2, 0.3, 0.4])
+  p = stats.resampled_p_values(d, np.zeros(8), 8, paired=True, num_simulations=20_000,
+                               rng=np.random.default_rng(0))
+  signs = np.array(list(itertools.product([0, 1], repeat=8)), float)
+  w = signs @ np.arange(1.0, 9.0)
+  p_all = [min(1.0, 2 * min(np.mean(w >= t), np.mean(w <= t))) for t in w]
+  size = np.mean(np.array(p_all) <= 0.05)
+  assert np.mean(p <= 0.05) == pytest.approx(size, abs=0.006)
+  # Normal shift, large observed samples: Mann-Whitney's power is close to the t-test's at
+  # the same n scaled by the asymptotic relative efficiency 3 / pi (Lehmann 1975); the
+  # noncentral-t power is the closed form.
+  rng = np.random.default_rng(1)
+  x, y = rng.normal(1.0, 1, 400), rng.normal(0, 1, 400)
+  x = (x - x.mean()) / x.std(ddof=1) + 1.0
+  y = (y - y.mean()) / y.std(ddof=1)
+  n = 20
+  simulated = np.mean(stats.resampled_p_values(x, y, n, paired=False, num_simulations=4000,
+                                               rng=np.random.default_rng(2)) <= 0.05)
+  n_eff = n * 3 / math.pi
+  df = 2 * n_eff - 2
+  nc = 1.0 * math.sqrt(n_eff / 2)
+  crit = scipy.stats.t.ppf(0.975, df)
+  closed = scipy.stats.nct.sf(crit, df, nc) + scipy.stats.nct.cdf(-crit, df, nc)
+  assert simulated == pytest.approx(closed, abs=0.04)
+
+
+def test_power_without_an_effect_is_none():
+  x = np.array([0.1, -0.1, 0.2, -0.2, 0.05, -0.05])
+  assert stats.seeds_for_power(x, np.zeros(6), paired=True, max_seeds=30) is None
+
+
+@pytest.mark.parametrize("value,match", [
+    ("accuracy", "METRIC=MARGIN"), ("accuracy=0", "number > 0"), ("accuracy=x", "number > 0"),
+    ("acc=0.01", "not a metric"), ("accuracy=-1", "number > 0"), ("accuracy=inf", "number > 0")])
+def test_equivalence_margins_invalid(value, match):
+  with pytest.raises(ValueError, match=match):
+    stats.parse_equivalence_margins(value)
+
+
+def test_equivalence_margins_defaults_and_overrides():
+  assert stats.parse_equivalence_margins("") == stats.DEFAULT_EQUIVALENCE_MARGINS
+  margins = stats.parse_equivalence_margins("accuracy=0.02, ece=0.005")
+  assert margins["accuracy"] == 0.02 and margins["ece"] == 0.005
+  assert margins["agreement"] == stats.DEFAULT_EQUIVALENCE_MARGINS["agreement"]

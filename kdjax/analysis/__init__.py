@@ -19,6 +19,7 @@ workdir copied from elsewhere, or in place on gs://) and writes WORKDIR/analysis
   report.md        the study, teacher accuracy, a table per arm, the tests with verdicts, the
                    excluded replicas and the plots
   plots/           confidence_scatter.png, agreement_split.png, metrics.png
+  replicas.csv, classes.csv  per-replica and per-class tables (kdjax.analysis.tables)
 
 Per student, the DESIGN.md metrics against its own teacher (kdjax.metrics.SimilarityMetrics,
 streamed over padded eval batches); per arm, kdjax.stats summaries; the reference arm (kd) vs
@@ -49,8 +50,10 @@ from kdjax import workdir as workdir_lib
 from kdjax.analysis import plots as plots_lib
 from kdjax.analysis import predictions as predictions_lib
 from kdjax.analysis import report as report_lib
+from kdjax.analysis import references as references_lib
 from kdjax.analysis import sections as sections_lib
 from kdjax.analysis import statistics as stats_lib
+from kdjax.analysis import tables as tables_lib
 from kdjax.analysis.predictions import METRICS
 
 # The similarity entries of a teacher-teacher pair (its accuracy/ece are the second teacher's own).
@@ -213,16 +216,33 @@ def run(workdir: str, *, command: str | None = None) -> dict | None:
   excluded, excluded_lines = exclusions(replicas, preds.compared_teacher, student_reasons,
                                         teacher_reasons)
   groups = stats_lib.make_groups(replicas, excluded)
-  summaries = stats_lib.summarize_groups(groups, preds.student_metrics, METRICS)
-  tests = stats_lib.run_tests(groups, preds.student_metrics, METRICS)
+  summaries = stats_lib.summarize_groups(groups, preds.student_metrics, METRICS,
+                                         clusters=preds.compared_teacher)
+  margins = stats_lib.equivalence_margins(study.config)
+  tests = stats_lib.run_tests(
+      groups, preds.student_metrics, METRICS, margins=margins, power=True,
+      pair_keys=[(r.seed, int(preds.compared_teacher[r.index])) for r in replicas])
   results = build_results(study, preds, student_diverged, teacher_diverged, groups, tests,
                           summaries)
+  # Issue 15: the tests' protocol, null references and the per-class numbers.
+  results["protocol"].update(stats_lib.protocol(margins))
+  results["null_reference"] = references_lib.null_references(
+      groups, replicas, preds.student_logits, preds.labels, summaries,
+      results.get("teacher_agreement"))
+  results["classes"] = tables_lib.class_results(
+      groups, preds.labels, preds.teacher_logits, preds.student_logits, preds.compared_teacher,
+      study.dataset.num_classes)
 
   out_dir = workdir_lib.join(workdir, "analysis")
   with workdir_lib.staged_dir(out_dir) as local_dir:  # out_dir itself when it is local
     plot_dir = os.path.join(local_dir, "plots")
     os.makedirs(plot_dir, exist_ok=True)
     predictions_lib.save_npz(os.path.join(local_dir, "predictions.npz"), study, preds)
+    tables_lib.write_csv(os.path.join(local_dir, "replicas.csv"), *tables_lib.replica_table(
+        replicas, groups, preds.compared_teacher, student_diverged, excluded,
+        preds.student_metrics, METRICS))
+    tables_lib.write_csv(os.path.join(local_dir, "classes.csv"),
+                         *tables_lib.class_table(results["classes"]))
 
     plots_lib.confidence_scatter(os.path.join(plot_dir, "confidence_scatter.png"), groups,
                                  preds.labels, preds.teacher_logits, preds.student_logits,
