@@ -35,6 +35,11 @@ class UnreadableCheckpointError(RuntimeError):
   """A checkpoint step (or every step of a directory) that cannot be restored."""
 
 
+class CheckpointWriteError(RuntimeError):
+  """A checkpoint that could not be written (a full disk, a lost mount): one line naming the
+  directory and the cause. The steps written before are untouched."""
+
+
 def replica_metadata(stage: str, replicas: Sequence[Replica], **extra) -> dict[str, Any]:
   """{"stage", "replicas": [row per replica: its identity and "diverged"], **extra}."""
   return {"stage": stage, "replicas": [{**r.to_json(), "diverged": False} for r in replicas],
@@ -114,12 +119,31 @@ class StageCheckpoints:
     e.g. a stop request at a step the interval has just saved)."""
     if force and step in self.manager.all_steps():
       return False
-    saved = self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), replicas=ocp.args.JsonSave(metadata)), force=force)
-    if saved:
-      workdir_lib.write_text(workdir_lib.join(workdir_lib.parent(self.directory), "replicas.json"),
-                             json.dumps(metadata, indent=1))
+    try:
+      saved = self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), replicas=ocp.args.JsonSave(metadata)), force=force)
+      if saved:
+        workdir_lib.write_text(workdir_lib.join(workdir_lib.parent(self.directory),
+                                                "replicas.json"), json.dumps(metadata, indent=1))
+    except Exception as e:  # pylint: disable=broad-except  (OSError, or Orbax's wrapping of one)
+      raise self._write_error(f"step {step}", e) from e
     return saved
+
+  def _write_error(self, what: str, error: BaseException) -> CheckpointWriteError:
+    """Also for an asynchronous save that fails later (reported by the next save or `wait`)."""
+    try:
+      self.manager.wait_until_finished()  # an earlier save still in flight completes first
+    except Exception:  # pylint: disable=broad-except  (it is the failure being reported)
+      pass
+    try:
+      previous = latest_finished_step(self.directory)  # as on disk
+    except Exception:  # pylint: disable=broad-except  (the directory itself is gone)
+      previous = None
+    kept = ("no earlier checkpoint" if previous is None else
+            f"the checkpoint of step {previous} is kept")
+    return CheckpointWriteError(
+        f"cannot write checkpoint {what} in {self.directory} ({_cause(error)}); {kept}; free "
+        "space and rerun the same command to resume")
 
   def restore(self, abstract_state, step: int | None = None):
     """(state, metadata) at exactly `step`; `step=None`: the newest readable step
@@ -184,7 +208,10 @@ class StageCheckpoints:
                     bad, self.directory, _cause(failures[0][1].__cause__), used, aside)
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except  (a failed asynchronous save)
+      raise self._write_error("(an asynchronous save)", e) from e
 
   def close(self) -> None:
     self.manager.close()

@@ -338,6 +338,11 @@ def resolve(config, *, num_devices: int | None = None) -> Study:
     except ValueError as e:
       raise ConfigError("analysis_options.equivalence_margins", str(e)) from None
 
+  if "analysis_options" in config:  # the analysis' own options, read when it runs
+    from kdjax.analysis import statistics  # pylint: disable=g-import-not-at-top  (import cycle)
+    _names_or_error(lambda: statistics.equivalence_margins(config),
+                    "analysis_options.equivalence_margins")
+
   name = _get(config, "dataset")
   data_dir = _get(config, "data_dir") or None
   if data_dir is not None and not isinstance(data_dir, str):

@@ -13,6 +13,7 @@ which keeps each of them to a few seconds of CPU (a cold run compiles for about 
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import pathlib
@@ -350,3 +351,109 @@ def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(shared, reference,
   assert "Traceback" not in rerun.stderr, rerun.stderr[-3000:]
   assert sorted(p.name for p in directory.iterdir()) == before
   assert "[students] step" not in rerun.stdout
+
+
+# ---------------------------------------------------------------- faults while writing
+
+
+def _fault_study(tmp_path: pathlib.Path):
+  """A tiny in-process study (vmapped MLPs, kd/rcd/siddo x 1 seed; 9 teacher steps, 18 student
+  steps, checkpoints every 5) on digits without any training example of class 3: a class
+  with no training example trains and is analysed like the others (issue 19, item 3)."""
+  import test_groups  # pylint: disable=g-import-not-at-top  (its run_in_process)
+  from kdjax import study as study_lib  # pylint: disable=g-import-not-at-top
+  from kdjax.data import digits  # pylint: disable=g-import-not-at-top
+  train, test = digits.arrays("train"), digits.arrays("test")
+  keep = train["label"] != 3
+  np.savez(tmp_path / "no_class_3.npz", x_train=train["image"][keep], y_train=train["label"][keep],
+           x_test=test["image"], y_test=test["label"])
+  config = study_lib.load_config(str(_cli.ROOT / "configs" / "default.py"))
+  config.dataset = f"npz:{tmp_path / 'no_class_3.npz'}"
+  config.model, config.model_kwargs.width, config.execution = "mlp", 0.05, "vmap"
+  config.num_seeds, config.num_epochs, config.teacher_num_epochs = 1, 2, 1
+  config.batch_size, config.checkpoint_every_steps = 128, 5
+  config.eval_every_steps = config.log_every_steps = 1000
+  return config, test_groups.run_in_process
+
+
+def test_a_full_disk_stops_with_one_line_and_loses_nothing(tmp_path, monkeypatch):
+  """ENOSPC injected into the Orbax checkpoint writer at students step 15, then into the
+  analysis' report.md: each stops with one line naming the path and the cause; the earlier
+  checkpoint (step 10) stays readable and the analysis directory keeps its previous files; the
+  reruns after 'space is freed' resume and end bitwise where an uninterrupted run ends."""
+  from kdjax import analysis as analysis_lib  # pylint: disable=g-import-not-at-top
+  from kdjax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  config, run_in_process = _fault_study(tmp_path)
+  reference, workdir = tmp_path / "reference", tmp_path / "run"
+  run_in_process(config, reference)
+
+  full = os.strerror(errno.ENOSPC)
+  real_save = ocp.CheckpointManager.save
+
+  def save(self, step, *args, **kwargs):
+    if step == 15 and "students" in str(self.directory):
+      raise OSError(errno.ENOSPC, full, f"{self.directory}/{step}.orbax-checkpoint-tmp-1")
+    return real_save(self, step, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+  with pytest.raises(checkpoint_lib.CheckpointWriteError) as info:
+    run_in_process(config, workdir)
+  monkeypatch.undo()
+  line = str(info.value)
+  directory = _checkpoints(workdir)
+  assert "\n" not in line and line.startswith(f"cannot write checkpoint step 15 in {directory}")
+  assert f"OSError: [Errno {errno.ENOSPC}] {full}" in line and "step 10 is kept" in line, line
+  assert _steps(directory) == [5, 10]
+  assert len(_final_state(workdir, "students")) > 5  # step 10 reads back
+  run_in_process(config, workdir)  # space freed: resumes from step 10
+  _assert_same_results(workdir, reference, metrics=True)
+
+  outputs = workdir / "analysis"
+  for name in ("metrics.json", "report.md"):
+    (outputs / name).write_text("previous\n")
+
+  def open_on_a_full_disk(path, mode="r", *args, **kwargs):
+    f = open(path, mode, *args, **kwargs)  # pylint: disable=unspecified-encoding
+    if str(path).endswith("report.md") and "w" in mode:
+      f.write("# half a rep")
+      f.close()
+      raise OSError(errno.ENOSPC, full, path)
+    return f
+
+  monkeypatch.setattr(analysis_lib, "open", open_on_a_full_disk, raising=False)
+  with pytest.raises(workdir_lib.OutputWriteError) as info:
+    analysis_lib.run(str(workdir))
+  monkeypatch.undo()
+  line = str(info.value)
+  assert "\n" not in line and line.startswith(f"cannot write {outputs} ({full}: "), line
+  assert "report.md" in line and "keeps its previous files" in line
+  for name in ("metrics.json", "report.md"):
+    assert (outputs / name).read_text() == "previous\n", name
+  assert not list(workdir.glob(".analysis.partial-*"))
+  analysis_lib.run(str(workdir))
+  for name in ("metrics.json", "report.md"):
+    assert (outputs / name).read_bytes() == (reference / "analysis" / name).read_bytes(), name
+
+
+def test_sigterm_during_the_analysis_leaves_no_half_written_output(shared, reference, tmp_path):
+  """SIGTERM once the analysis is writing its outputs (into its staging directory): nothing of
+  it is in WORKDIR/analysis; the rerun writes everything again, metrics.json byte for byte the
+  uninterrupted run's, and removes the staging directory the killed run left."""
+  workdir, env = tmp_path / "run", _env(shared)
+  shutil.copytree(reference, workdir, ignore=shutil.ignore_patterns("analysis"))
+  analysis_only = [*STUDY, "--config.stages=analysis"]
+  proc = _cli.start(analysis_only, workdir, env, tmp_path / "term")
+  deadline = time.monotonic() + 300
+  while not list(workdir.glob(".analysis.partial-*/predictions.npz")):
+    assert proc.poll() is None and time.monotonic() < deadline, proc.returncode
+    time.sleep(0.01)
+  proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=120) == -signal.SIGTERM, "the analysis ended before the signal"
+  assert not (workdir / "analysis" / "metrics.json").exists()
+  assert not (workdir / "analysis" / "report.md").exists()
+  rerun = _cli.main(analysis_only, workdir, env)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert ((workdir / "analysis" / "metrics.json").read_bytes() ==
+          (reference / "analysis" / "metrics.json").read_bytes())
+  assert (workdir / "analysis" / "report.md").read_text().endswith("\n")
+  assert not list(workdir.glob(".analysis.partial-*"))

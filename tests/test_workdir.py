@@ -8,6 +8,7 @@ and the lock object's JSON read back with the standard library.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -70,10 +71,33 @@ def test_local_files_are_written_as_with_open(tmp_path):
   assert sorted(os.listdir(base)) == ["config.json", "x.bin"]
 
 
-def test_staged_dir_is_the_directory_itself_when_local_and_copy_tree_copies_every_file(tmp_path):
+def test_staged_dir_publishes_whole_files_only_and_copy_tree_copies_every_file(tmp_path):
+  """Locally the files are written into a sibling directory and renamed into place when the
+  block ends; a block that fails (here: a full disk) leaves the previous files and no staging
+  directory, and a staging directory left by a killed run is removed by the next."""
   target = str(tmp_path / "analysis")
+  os.makedirs(target)
+  with open(os.path.join(target, "metrics.json"), "w") as f:
+    f.write("old")
+  (tmp_path / ".analysis.partial-killed").mkdir()  # a run killed while writing
+  with pytest.raises(workdir_lib.OutputWriteError, match=r"^cannot write .*analysis \(No space "
+                     r"left on device: .*report.md\); it keeps its previous files"):
+    with workdir_lib.staged_dir(target) as local:
+      assert os.path.dirname(local) == str(tmp_path) and local != target
+      assert not (tmp_path / ".analysis.partial-killed").exists()
+      with open(os.path.join(local, "metrics.json"), "w") as f:
+        f.write("new")
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.path.join(local, "report.md"))
+  assert os.listdir(target) == ["metrics.json"] and open(os.path.join(target, "metrics.json")
+                                                         ).read() == "old"
   with workdir_lib.staged_dir(target) as local:
-    assert local == target and os.path.isdir(target)
+    os.makedirs(os.path.join(local, "plots"))
+    for name in ("metrics.json", os.path.join("plots", "a.png")):
+      with open(os.path.join(local, name), "w") as f:
+        f.write("new")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["analysis"]  # no staging left
+  assert open(os.path.join(target, "metrics.json")).read() == "new"
+  assert open(os.path.join(target, "plots", "a.png")).read() == "new"
   source = tmp_path / "src"
   (source / "plots").mkdir(parents=True)
   (source / "metrics.json").write_text("{}")

@@ -29,8 +29,10 @@ metrics.json and report.md byte for byte and the same predictions.npz arrays.
 
 The devices: the mesh a study trained with describes the training hosts (config.json leaves it
 out); the analysis lays the models out on the devices of the host it runs on
-(`fit_to_devices`), whatever their number. For an object-store workdir the outputs are written
-into a local directory and copied to WORKDIR/analysis/ at the end (kdjax.workdir.staged_dir).
+(`fit_to_devices`), whatever their number. The outputs are written into a staging directory and
+moved (locally: renamed, file by file) or copied (object store) into WORKDIR/analysis/ at the end
+(kdjax.workdir.staged_dir): a full disk or a signal while writing never leaves a half-written
+metrics.json or report.md in place, and a rerun writes them all again.
 """
 
 from __future__ import annotations
@@ -234,7 +236,7 @@ def run(workdir: str, *, command: str | None = None) -> dict | None:
       study.dataset.num_classes)
 
   out_dir = workdir_lib.join(workdir, "analysis")
-  with workdir_lib.staged_dir(out_dir) as local_dir:  # out_dir itself when it is local
+  with workdir_lib.staged_dir(out_dir) as local_dir:  # published whole when the block ends
     plot_dir = os.path.join(local_dir, "plots")
     os.makedirs(plot_dir, exist_ok=True)
     predictions_lib.save_npz(os.path.join(local_dir, "predictions.npz"), study, preds)
