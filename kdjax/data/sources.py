@@ -185,6 +185,11 @@ def tfds_module(name: str):
   """tensorflow_datasets, imported now (seconds: it loads TensorFlow), with TensorFlow kept off
   the accelerators; DatasetNotAvailableError naming `name` and what to install if either is
   missing."""
+  # TensorFlow's C++ start-up lines (oneDNN notice, CPU features) would break kdjax's one-line
+  # errors on stderr; oneDNN's reordered float sums do not matter to data loading. A user's
+  # own settings win.
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
   try:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     _hide_gpus_from_tensorflow()
