@@ -124,9 +124,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.replicas_per_block = 0    # 'blocked': 0 = chosen by the stage's length, or 1, 2, ...
   # The device mesh over all devices of all processes: replicas are sharded over 'replica'; each
   # replica's batch over 'data' (gradients summed, BatchNorm statistics synchronised over it).
-  # -1 fills the devices the other axis leaves; replica x data = the device count. batch_size
-  # and eval_batch_size must be multiples of data, each group's replicas of replica.
-  config.mesh = ml_collections.ConfigDict({"replica": -1, "data": 1})
+  # Both 0 (default): each group of each stage gets the mesh that fits it, the largest replica
+  # axis dividing its replica count and the devices, data taking the rest (README, "Running on
+  # GPUs and TPUs"). Set either axis for one fixed mesh: -1 or 0 fills the devices the other
+  # leaves; each group's replicas must then divide over replica, the batch sizes over data.
+  config.mesh = ml_collections.ConfigDict({"replica": 0, "data": 0})
   config.eval_batch_size = 600
   config.eval_every_steps = 100
   config.log_every_steps = 50

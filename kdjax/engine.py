@@ -28,8 +28,9 @@ state is donated), so XLA compiles one block of rows, not the whole replica axis
                that runs 4.4x slower than separate ones, so rows are unrolled, not vmapped.
   * 'unrolled' one block of every replica, unrolled: the fastest steps on CPU, but its compile
                time grows with the replica count.
-The devices of all processes form a 2-D mesh ('replica', 'data') (`make_mesh`, config `mesh`).
-Each row of the mesh runs its block of replicas (`jax.shard_map`). Within a row each replica's
+The devices of all processes form a 2-D mesh ('replica', 'data') per group (`make_mesh`;
+`config.mesh`, or by default the one that fits the group: `kdjax.study.auto_mesh`). Each row of
+the mesh runs its share of the replicas (`jax.shard_map`), block by block at the same offsets. Within a row each replica's
 batch is split over 'data': a shard's loss is its part of the whole batch's masked mean
 (sum over its examples / count over all shards), so summing loss and gradients over 'data' gives
 the whole batch's; BatchNorm averages its statistics over 'data' (the transpose of that average
@@ -59,7 +60,7 @@ from kdjax import models as models_lib
 from kdjax import optim
 from kdjax import replicas as replicas_lib
 from kdjax.models import _common as models_common
-from kdjax.study import MESH_AXES, Group, Study, mesh_shape
+from kdjax.study import MESH_AXES, Group, Study
 
 TRAIN_STREAMS = ("data", "augment", "rcd", "dropout")
 
@@ -116,17 +117,15 @@ def _masked_mean(per_example, mask, axis_name: str | None = None):
   return jnp.sum(per_example * mask) / jnp.maximum(count, 1.0)
 
 
-def make_mesh(mesh_config=None, devices=None) -> Mesh:
-  """The ('replica', 'data') mesh of `mesh_config` ({"replica": r, "data": d}, -1 fills;
-  kdjax.study.mesh_shape) over `devices` (default: every process's devices, `jax.devices()`).
+def make_mesh(shape: tuple[int, int], devices) -> Mesh:
+  """The ('replica', 'data') mesh of `shape` over the first replica x data of `devices`.
 
   Devices are laid out row-major in `jax.devices()` order, which lists each process's devices
   together: a replica's 'data' shards sit on neighbouring devices of one host (the gradient sum
   stays inside the host whenever data divides the devices per host) and hosts split 'replica'.
   """
-  devices = jax.devices() if devices is None else list(devices)
-  shape = mesh_shape(mesh_config, len(devices))
-  return Mesh(np.array(devices).reshape(shape), MESH_AXES)
+  replica, data = shape
+  return Mesh(np.array(list(devices)[:replica * data]).reshape(replica, data), MESH_AXES)
 
 
 def backend_execution(requested: str) -> str:
@@ -191,8 +190,12 @@ class Engine:
     self.signal_codes = np.array([arms_lib.TEACHER_SIGNALS.index(a.teacher_signal)
                                   for a in self.arms], np.int32)
     self.execution = backend_execution(self.config.execution)
-    # `mesh` (a ('replica', 'data') Mesh) overrides the config's mesh over `devices`.
-    self.mesh = make_mesh(self.config.get("mesh"), devices) if mesh is None else mesh
+    # `mesh` (a ('replica', 'data') Mesh) overrides the study's mesh for this group over
+    # `devices` (default: every process's devices): `config.mesh`, or one that fits the group.
+    if mesh is None:
+      devices = jax.devices() if devices is None else list(devices)
+      mesh = make_mesh(study.group_mesh(group, len(devices)), devices)
+    self.mesh = mesh
     self.data_size = int(self.mesh.shape["data"])
     self._data_axis = "data" if self.data_size > 1 else None  # None: no collective at all
     self.replica_sharding = NamedSharding(self.mesh, P("replica"))

@@ -129,14 +129,25 @@ class Study:
   teacher: Stage
   students: Stage
   loss_options: arms_lib.LossOptions
-  # (replica, data) sizes of the device mesh (`mesh_shape`): replicas are sharded over
-  # 'replica', each replica's batch over 'data'.
-  mesh: tuple[int, int] = (1, 1)
+  # (replica, data) sizes of the device mesh that `config.mesh` sets (`mesh_shape`): replicas
+  # are sharded over 'replica', each replica's batch over 'data'. None: the default mesh, laid
+  # out per group (`group_mesh`).
+  mesh: tuple[int, int] | None = (1, 1)
   # The loaded splits {"train": arrays, "test": arrays}, loaded once while validating.
   data: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+  num_devices: int = 1  # the devices the study was resolved for
 
   def stage(self, name: str) -> Stage:
     return {"teacher": self.teacher, "students": self.students}[name]
+
+  def group_mesh(self, group: Group, num_devices: int | None = None) -> tuple[int, int]:
+    """(replica, data) of the mesh `group` trains on over `num_devices` devices (default: the
+    study's): `config.mesh` when it is set, else `auto_mesh` for the group."""
+    num_devices = self.num_devices if num_devices is None else int(num_devices)
+    if self.mesh is None or is_auto_mesh(self.config.get("mesh")):
+      return auto_mesh(len(group.replicas), num_devices,
+                       (int(self.config.batch_size), int(self.config.eval_batch_size)))
+    return mesh_shape(self.config.get("mesh"), num_devices)
 
 
 def load_config(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
@@ -393,8 +404,25 @@ def resolve(config, *, num_devices: int | None = None) -> Study:
     for group in students.groups:
       if group.teacher_model is not None:
         _check_hint(config, group.model, group.teacher_model, spec)
-  mesh = mesh_shape(config.get("mesh"), jax.device_count() if num_devices is None
-                    else num_devices)
+  num_devices = jax.device_count() if num_devices is None else int(num_devices)
+  if is_auto_mesh(config.get("mesh")):
+    # Each group gets the mesh that fits it (`auto_mesh`). Several processes must all hold
+    # devices of every mesh, so there no group may leave devices out.
+    for stage in (teacher, students):
+      for group in stage.groups:
+        replica, data = auto_mesh(len(group.replicas), num_devices,
+                                  (batch_size, int(config.eval_batch_size)))
+        if replica * data < num_devices and jax.process_count() > 1:
+          raise ConfigError("mesh", f"the {stage.name} stage's {group.model.label} group fits "
+                            f"only {replica * data} of the {num_devices} devices (its "
+                            f"{len(group.replicas)} replicas and the batch sizes do not divide "
+                            "over more); set --config.mesh.replica and --config.mesh.data")
+    return Study(
+        config=config, dataset=spec, num_train=num_train, num_eval=len(test["label"]),
+        stages=stages, analyses=analyses, data={"train": train, "test": test},
+        teacher=teacher, students=students, loss_options=options, mesh=None,
+        num_devices=num_devices)
+  mesh = mesh_shape(config.get("mesh"), num_devices)
   for key in ("batch_size", "eval_batch_size"):
     if int(config[key]) % mesh[1]:
       raise ConfigError(key, f"must be a multiple of mesh.data={mesh[1]} (each replica's batch "
@@ -410,34 +438,58 @@ def resolve(config, *, num_devices: int | None = None) -> Study:
   return Study(
       config=config, dataset=spec, num_train=num_train, num_eval=len(test["label"]),
       stages=stages, analyses=analyses, data={"train": train, "test": test},
-      teacher=teacher, students=students, loss_options=options, mesh=mesh)
+      teacher=teacher, students=students, loss_options=options, mesh=mesh,
+      num_devices=num_devices)
 
 
 MESH_AXES = ("replica", "data")
-DEFAULT_MESH = {"replica": -1, "data": 1}
+# The default: both axes 0, every group laid out by `auto_mesh`.
+DEFAULT_MESH = {"replica": 0, "data": 0}
+
+
+def is_auto_mesh(mesh) -> bool:
+  """True when `mesh` ({"replica": r, "data": d}; None: DEFAULT_MESH) leaves both axes at 0."""
+  mesh = dict(DEFAULT_MESH if mesh is None else mesh)
+  return not set(mesh) - set(MESH_AXES) and all(
+      not isinstance(mesh.get(a, 0), bool) and mesh.get(a, 0) == 0 for a in MESH_AXES)
+
+
+def auto_mesh(group_size: int, num_devices: int,
+              batch_sizes: tuple[int, ...] = ()) -> tuple[int, int]:
+  """The mesh of a group of `group_size` replicas on `num_devices` devices when `config.mesh` is
+  left at its default: the largest replica axis that divides both the replica count and the
+  device count (whole replicas per device first), then the largest data axis that divides the
+  devices left and every batch size. Devices beyond replica x data stay idle (a batch size that
+  does not divide over them)."""
+  replica = max(r for r in range(1, num_devices + 1)
+                if num_devices % r == 0 and group_size % r == 0)
+  rest = num_devices // replica
+  data = max(d for d in range(1, rest + 1)
+             if rest % d == 0 and all(int(b) % d == 0 for b in batch_sizes))
+  return replica, data
 
 
 def mesh_shape(mesh, num_devices: int) -> tuple[int, int]:
-  """(replica, data) axis sizes of the device mesh that `mesh` ({"replica": r, "data": d}; None:
-  DEFAULT_MESH) asks for on `num_devices` devices; -1 fills the devices the other axis leaves.
-  The sizes must multiply to `num_devices`. Raises ConfigError naming mesh.replica or mesh.data.
-  """
-  mesh = dict(DEFAULT_MESH if mesh is None else mesh)
+  """(replica, data) axis sizes of the device mesh that `mesh` ({"replica": r, "data": d})
+  asks for on `num_devices` devices; -1 (or 0) fills the devices the other axis leaves. The
+  sizes must multiply to `num_devices`. Raises ConfigError naming mesh.replica or mesh.data.
+  (A mesh with both axes 0, the default, is laid out per group: `auto_mesh`.)"""
+  mesh = {"replica": -1, "data": 1} if mesh is None or is_auto_mesh(mesh) else dict(mesh)
   unknown = sorted(set(mesh) - set(MESH_AXES))
   if unknown:
     raise ConfigError(f"mesh.{unknown[0]}", f"is not a mesh axis; the axes are "
                       f"{', '.join(MESH_AXES)}")
   sizes = {}
   for axis in MESH_AXES:
-    value = mesh.get(axis, DEFAULT_MESH[axis])
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or \
-        (value < 1 and value != -1):
-      raise ConfigError(f"mesh.{axis}", f"must be an integer >= 1, or -1 (fill the devices); "
-                        f"got {value!r}")
-    sizes[axis] = int(value)
+    value = mesh.get(axis, 0)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < -1:
+      raise ConfigError(f"mesh.{axis}", f"must be an integer >= 1, or -1 or 0 (fill the "
+                        f"devices; both 0: kdjax lays out each group); got {value!r}")
+    sizes[axis] = -1 if value == 0 else int(value)
   replica, data = sizes["replica"], sizes["data"]
   if replica == -1 and data == -1:
-    raise ConfigError("mesh.data", "at most one of mesh.replica and mesh.data may be -1")
+    raise ConfigError("mesh.data", "at most one of mesh.replica and mesh.data may be -1 (or "
+                      "leave both at 0 for kdjax's layout)")
   for axis, other in (("replica", data), ("data", replica)):
     if sizes[axis] == -1:
       if num_devices % other:

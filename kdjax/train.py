@@ -121,8 +121,14 @@ def run_stage(study: Study, stage: str, workdir: str) -> None:
             variables=variables, class_relations=relations), engine.replicated)
     del teacher_states, teacher_engines
 
-  train_arrays = data_lib.to_device(study.data["train"], first.replicated)
-  eval_arrays = data_lib.to_device(study.data["test"], first.replicated)
+  # The splits on every mesh of the stage's groups (one copy per distinct mesh).
+  placed = {}
+  for engine in stage_engines:
+    if engine.mesh not in placed:
+      placed[engine.mesh] = {split: data_lib.to_device(study.data[split], engine.replicated)
+                             for split in ("train", "test")}
+  train_arrays = {e.group.key: placed[e.mesh]["train"] for e in stage_engines}
+  eval_arrays = {e.group.key: placed[e.mesh]["test"] for e in stage_engines}
   num_train = study.num_train
   total = spec_stage.total_steps
   ckpt = checkpoints(workdir, stage, config)
@@ -148,9 +154,11 @@ def run_stage(study: Study, stage: str, workdir: str) -> None:
   console = primary  # per-arm eval accuracy as absl INFO lines
   step = int(states[first.group.key].step)
   models = ", ".join(f"{len(e.group.replicas)} of {e.group.model.label}" for e in stage_engines)
-  mesh = dict(first.mesh.shape)
+  meshes = {f"replica={e.mesh.shape['replica']} x data={e.mesh.shape['data']}"
+            for e in stage_engines}
+  chosen = "" if study.mesh is not None else " (chosen per group: --config.mesh sets one)"
   where = "" if jax.device_count() == 1 else (
-      f"; mesh replica={mesh['replica']} x data={mesh['data']}" +
+      f"; mesh {', '.join(sorted(meshes))}{chosen}" +
       (f" over {jax.process_count()} processes" if jax.process_count() > 1 else ""))
   execution = first.execution if first.execution != "blocked" else \
       f"blocked, {first.replicas_per_block} per block"
@@ -170,7 +178,7 @@ def run_stage(study: Study, stage: str, workdir: str) -> None:
       for engine in stage_engines:
         key = engine.group.key
         states[key], last_metrics[key] = engine.train_step(states[key], orders[key],
-                                                           train_arrays, teachers.get(key))
+                                                           train_arrays[key], teachers.get(key))
       step += 1
       stopping = stop.poll(step)  # the same answer in every process (kdjax.preemption)
       if any(step % int(config[k]) == 0 for k in ("log_every_steps", "eval_every_steps",
@@ -258,8 +266,9 @@ def _progress(stage, step, total, start_time, start_step, metrics) -> None:
 
 def _evaluate(stage, stage_engines, states, eval_arrays, step, tensorboard, console,
               train_metrics) -> None:
+  """Eval of every replica (`eval_arrays`: {group key: the eval split on its mesh}), logged."""
   batch_size = int(stage_engines[0].config.eval_batch_size)
-  per_group = [e.evaluate(states[e.group.key].variables(), eval_arrays, batch_size)
+  per_group = [e.evaluate(states[e.group.key].variables(), eval_arrays[e.group.key], batch_size)
                for e in stage_engines]
   results = {name: stage_values(stage, stage_engines, [r[name] for r in per_group])
              for name in ("accuracy", "loss")}

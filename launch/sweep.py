@@ -63,9 +63,10 @@ def grid_values(config, key: str) -> list[str]:
 
 
 def load_per_device(study: study_lib.Study) -> dict[str, int]:
-  """Per training stage, replicas per device: sum over its groups of R_g / replica axis."""
-  replica_axis = study.mesh[0]
-  return {name: sum(-(-len(g.replicas) // replica_axis) for g in study.stage(name).groups)
+  """Per training stage, replicas per device: sum over its groups of R_g / the group's replica
+  axis (`kdjax.study.Study.group_mesh`)."""
+  return {name: sum(-(-len(g.replicas) // study.group_mesh(g)[0])
+                    for g in study.stage(name).groups)
           for name in ("teacher", "students") if name in study.stages}
 
 

@@ -32,8 +32,10 @@ BAD_INPUT = {
                       ["teacher, students, analysis"], 1),
     "learning_rate_0": (["--config.optimizer.learning_rate=0"], "--config.optimizer.learning_rate",
                         ["(0.0, inf)"], 1),
-    # 2 teachers fit 2 devices; 3 arms x 1 seed = 3 students do not.
-    "grid_does_not_fit_devices": (["--config.num_teachers=2", "--config.num_seeds=1"],
+    # On an explicit mesh of 2 replica shards 2 teachers fit; 3 arms x 1 seed = 3 students
+    # do not (the default mesh would lay them out on data=2).
+    "grid_does_not_fit_devices": (["--config.num_teachers=2", "--config.num_seeds=1",
+                                   "--config.mesh.data=1"],
                                   "--config.num_seeds", ["3 replicas", "multiple of 2"], 2),
     # learning_rate lives under optimizer: a plausible slip.
     "unknown_key": (["--config.learning_rate=0.1"], "--config.learning_rate", ["no such key"], 1),

@@ -205,7 +205,7 @@ def jobs(tmp_path_factory, cache_env):
   launch = [str(LAUNCH / "multiprocess.sh"), "--processes", "2", "--devices-per-process", "2",
             "--log-dir", str(base / "logs"), "--", f"--config={ROOT / 'configs' / 'default.py'}",
             f"--workdir={base / 'workdir'}", "--config.stages=teacher,students,analysis",
-            *_flags(), "--config.mesh.replica=2", "--config.mesh.data=2"]
+            *_flags()]  # no mesh: each group's is chosen (2 replicas on 4 devices: 2 x 2)
   # 2 CPU devices for the data-axis script; the launcher sets its processes' own count.
   two_devices = dict(cache_env, XLA_FLAGS="--xla_force_host_platform_device_count=2")
   background = _cli.BackgroundJobs({
@@ -252,7 +252,7 @@ def reference(study, jobs, tmp_path_factory):
 @pytest.mark.parametrize("mesh,devices,expected", [
     (None, 1, (1, 1)), (None, 8, (8, 1)), ({"replica": -1, "data": 2}, 8, (4, 2)),
     ({"replica": 2, "data": -1}, 8, (2, 4)), ({"replica": 2, "data": 2}, 4, (2, 2)),
-    ({"data": 4}, 4, (1, 4))])
+    ({"data": 4}, 4, (1, 4)), ({"replica": 0, "data": 2}, 8, (4, 2))])
 def test_mesh_shape_fills_the_devices(mesh, devices, expected):
   assert study_lib.mesh_shape(mesh, devices) == expected
 
@@ -261,7 +261,7 @@ def test_mesh_shape_fills_the_devices(mesh, devices, expected):
     ({"replica": -1, "data": 3}, 4, "mesh.data", ["divide the 4 devices", "3"]),
     ({"replica": 2, "data": 2}, 8, "mesh.replica", ["2 x 2 = 4", "8 devices"]),
     ({"replica": -1, "data": -1}, 4, "mesh.data", ["at most one"]),
-    ({"replica": 0, "data": 1}, 4, "mesh.replica", [">= 1", "-1", "0"]),
+    ({"replica": -2, "data": 1}, 4, "mesh.replica", [">= 1", "-1", "0"]),
     ({"replica": 1.5, "data": 1}, 1, "mesh.replica", ["integer", "1.5"]),
     ({"model": 2}, 2, "mesh.model", ["replica, data"])])
 def test_mesh_shape_names_the_bad_key(mesh, devices, key, words):
@@ -274,11 +274,34 @@ def test_mesh_shape_names_the_bad_key(mesh, devices, key, words):
     assert w in message, message
 
 
+@pytest.mark.parametrize("group_size,devices,batches,expected", [
+    (1, 4, (64, 600), (1, 4)), (24, 4, (64, 600), (4, 1)), (6, 4, (64, 600), (2, 2)),
+    (1, 4, (130, 600), (1, 2)), (3, 8, (64, 600), (1, 8)), (2, 3, (128, 300), (1, 1)),
+    (8, 8, (64,), (8, 1)), (1, 1, (7,), (1, 1))])
+def test_auto_mesh_takes_whole_replicas_first_then_splits_batches(group_size, devices, batches,
+                                                                   expected):
+  """The largest replica axis dividing the group and the devices, then the largest data axis
+  dividing the devices left and every batch (enumerated here by hand)."""
+  assert study_lib.auto_mesh(group_size, devices, batches) == expected
+
+
+def test_the_default_mesh_is_chosen_per_group_and_an_explicit_one_is_strict():
+  """With `mesh` left at its default, a study of 1 teacher and 6 students resolves on any
+  device count, each group with its own mesh; an explicit mesh keeps today's checks."""
+  config = _config(num_teachers=1, num_seeds=3)
+  assert study_lib.is_auto_mesh(config.mesh) and not study_lib.is_auto_mesh({"data": 2})
+  study = study_lib.resolve(config, num_devices=4)
+  assert study.mesh is None
+  assert [study.group_mesh(g) for g in (*study.teacher.groups, *study.students.groups)] == \
+      [(1, 4), (2, 2)]
+  assert study.group_mesh(study.students.groups[0], 6) == (6, 1)
+
+
 def test_study_checks_replicas_and_batches_against_the_mesh():
   """On 4 devices: 2 teachers do not divide over 4 replica shards but do over 2 (data=2);
   a batch of 130 does not split over data=4; the resolved mesh is recorded in the Study."""
   with pytest.raises(study_lib.ConfigError) as info:
-    study_lib.resolve(_config(), num_devices=4)
+    study_lib.resolve(_config(**{"mesh.data": 1}), num_devices=4)
   assert info.value.key == "num_teachers"
   assert "2 replicas" in str(info.value) and "multiple of 4" in str(info.value)
   assert study_lib.resolve(_config(**{"mesh.data": 2}), num_devices=4).mesh == (2, 2)
@@ -374,13 +397,15 @@ def two_process_workdir(jobs, reference):
 
 
 def test_two_processes_reach_the_results_of_one(study, reference, two_process_workdir):
-  """2 processes x 2 CPU devices (mesh replica=2 x data=2: each process trains its own
+  """2 processes x 2 CPU devices with no mesh flag (each group's mesh chosen: replica=2 x
+  data=2, the same in every process: each process trains its own
   replica, each replica's batch split over the process's 2 devices), stopped by SIGTERM and
   launched again, end where 1 device ends without a stop, per replica, up to the order of
   reductions; the eval scalars they log match; only process 0 prints and writes TensorBoard
   events (one file per launch)."""
   workdir, output = two_process_workdir
-  assert "4 cpu device(s)), 10 steps; mesh replica=2 x data=2 over 2 processes" in output
+  assert ("4 cpu device(s)), 10 steps; mesh replica=2 x data=2 (chosen per group: "
+          "--config.mesh sets one) over 2 processes") in output
   assert "[analysis] skipped" in output  # the analysis runs on one host
   other = (workdir.parent / "logs" / "process_1.log").read_text()
   assert "[teacher]" not in other and "[students]" not in other, other[-2000:]
@@ -409,7 +434,8 @@ def test_two_process_checkpoint_restores_in_one_process(study, two_process_workd
   workdir, _ = two_process_workdir
   from kdjax.analysis import predictions  # pylint: disable=g-import-not-at-top
   assert "mesh" not in json.loads((workdir / "config.json").read_text())
-  assert predictions.load_study(str(workdir)).mesh == (1, 1)
+  loaded = predictions.load_study(str(workdir))  # the default mesh, laid out on this host
+  assert loaded.mesh is None and loaded.group_mesh(loaded.students.groups[0]) == (1, 1)
   engines, states = train.load_final_state(study, str(workdir), "students")
   state = states["group0"]
   assert engines[0].mesh.devices.size == 1
@@ -458,8 +484,9 @@ def test_the_mesh_error_names_the_meshes_that_fit_and_an_analysis_alone_needs_no
       "--config.mesh.replica=1 --config.mesh.data=4"), str(info.value)
   with pytest.raises(study_lib.ConfigError, match=r"; no mesh of the 6 devices fits: "
                      r"mesh.replica must divide every group's replica count \(2\)"):
-    main.resolve(_config(), num_devices=6)
-  assert main.resolve(_config(stages="analysis"), num_devices=3).mesh == (1, 1)
+    main.resolve(_config(**{"mesh.data": 1}), num_devices=6)
+  assert main.resolve(_config(stages="analysis", **{"mesh.data": 1}),
+                      num_devices=3).mesh == (1, 1)
 
 
 def test_a_pod_workdir_analyses_on_a_host_whose_devices_it_does_not_divide(jobs,
@@ -530,7 +557,8 @@ def test_sweep_keeps_a_fitting_grid_in_one_launch_and_splits_one_that_does_not()
   on 4 devices. A budget of 7 per device is one launch; of 3 per device, one alpha per launch
   (4 + 4 + 4 = 12 students, 3 per device; two alphas would make 20, 5 per device), each launch
   with its own workdir and the forwarded overrides; a budget of 2 is not met even by one alpha
-  per launch, and 3 teachers on 4 devices never fit (splitting does not change them)."""
+  per launch, and 3 teachers on 4 devices never fit an explicit mesh with data=1 (splitting does
+  not change them), while the default mesh lays them out on data=4."""
   sweep = _sweep()
   config = _config(num_teachers=4, num_seeds=4, arms="kd,rcd,siddo", alpha="0.1,0.5,0.9")
   (launch,) = sweep.plan(config, devices=4, workdir="runs/s", max_per_device=7)
@@ -553,7 +581,10 @@ def test_sweep_keeps_a_fitting_grid_in_one_launch_and_splits_one_that_does_not()
   with pytest.raises(ValueError, match="even one value of alpha"):
     sweep.plan(config, devices=4, workdir="runs/s", max_per_device=2)
   with pytest.raises(ValueError, match="num_teachers"):
-    sweep.plan(_config(num_teachers=3), devices=4, workdir="runs/s")
+    sweep.plan(_config(num_teachers=3, **{"mesh.data": 1}), devices=4, workdir="runs/s")
+  # The default mesh lays 3 teachers out as replica=1 x data=4: one launch.
+  (launch,) = sweep.plan(_config(num_teachers=3), devices=4, workdir="runs/s")
+  assert launch.replicas_per_device["teacher"] == 3
 
 
 # ---------------------------------------------------------------------------------- launchers
