@@ -134,13 +134,14 @@ def backend_execution(requested: str) -> str:
   return "blocked" if jax.default_backend() == "cpu" else "vmap"
 
 
-# `execution='blocked'` with `replicas_per_block` 0 (auto): rows per block by the work each
-# compiled block program amortises. Measured on 2 CPU cores (benchmarks/end_to_end.py, the
-# default cnn on digits, 24 students of 3 arms): compiling a block program costs about
-# 0.7 s + 0.73 s per row, and a replica step costs 1.15, 1.08, 0.90 and 0.78 ms at 1, 2, 4 and 8
-# rows (unrolled rows keep both cores busy). Going from 1 to 4 rows pays back after about 8k
-# replica steps per program, from 4 to 8 after about 25k.
-AUTO_BLOCKS = ((25_000, 8), (8_000, 4), (0, 1))  # (replica steps per program >=, rows)
+# `execution='blocked'` with `replicas_per_block` 0 (auto): rows per block chosen to minimise
+# compile + training time with an empty compilation cache, from the replica steps each block
+# program will run. Measured on 2 CPU cores (benchmarks/end_to_end.py and the README's table: the
+# default cnn on digits, 24 students of 3 arms, batch 64, compiled at kdjax.compilation's level):
+# a block program compiles in about 1.3, 1.7, 2.8 and 5.6 s at 1, 2, 4 and 8 rows, and a replica
+# step then costs 1.15, 0.98, 0.82 and 0.72 ms (unrolled rows keep both cores busy). More rows pay
+# back after about 2.5k (1 -> 2), 7k (2 -> 4) and 28k (4 -> 8) replica steps per program.
+AUTO_BLOCKS = ((28_000, 8), (7_000, 4), (2_500, 2), (0, 1))  # (replica steps per program, rows)
 
 
 def block_size(execution: str, local_replicas: int, requested: int = 0, *,
@@ -213,10 +214,12 @@ class Engine:
     # Per-replica constants, placed once: sliced block by block inside the programs.
     self._replica_constants = jax.device_put(
         (self.hp, self.kind_codes, self.signal_codes), self.replica_sharding)
-    # Replica steps each program of this group runs: one program per arm (at one row per block).
-    steps_per_program = self.num_replicas * group.total_steps / len(self._pairs)
+    # Replica steps each program of this group runs on a device: one program per arm (at one row
+    # per block) over the device's share of the replicas.
+    local = self.num_replicas // self.replica_shards
+    steps_per_program = local * group.total_steps / len(self._pairs)
     self.replicas_per_block = block_size(
-        self.execution, self.num_replicas // self.replica_shards,
+        self.execution, local,
         int(self.config.get("replicas_per_block", 0)),
         replica_steps_per_program=steps_per_program)
     self._blocks = block_layout(self.num_replicas // self.replica_shards,

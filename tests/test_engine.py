@@ -175,6 +175,32 @@ def _files_digest(directory) -> dict[str, str]:
   return out
 
 
+# ------------------------------------------------------------------------- block layout
+
+
+@pytest.mark.parametrize("local,size,expected", [
+    (6, 2, [(0, 0), (2, 2), (4, 4)]), (5, 2, [(0, 0), (2, 2), (3, 4)]),
+    (8, 3, [(0, 0), (3, 3), (5, 6)]), (4, 4, [(0, 0)]), (1, 1, [(0, 0)])])
+def test_blocks_cover_every_row_once(local, size, expected):
+  """(offset, start) of each block: consecutive blocks, the last one ending at the last row and
+  writing only the rows no earlier block wrote; every row is written by exactly one block."""
+  blocks = engine_lib.block_layout(local, size)
+  assert blocks == expected
+  written = [row for offset, start in blocks for row in range(start, offset + size)]
+  assert sorted(written) == list(range(local))
+
+
+@pytest.mark.parametrize("execution,local,requested,steps,expected", [
+    ("vmap", 24, 0, 1e6, 24), ("unrolled", 24, 3, 1e6, 24), ("blocked", 24, 3, 0, 3),
+    ("blocked", 24, 0, 1824, 1), ("blocked", 24, 0, 5000, 2), ("blocked", 24, 0, 10_000, 4),
+    ("blocked", 24, 0, 50_000, 8), ("blocked", 3, 0, 50_000, 3), ("blocked", 2, 5, 0, 2)])
+def test_rows_per_block(execution, local, requested, steps, expected):
+  """One block of every row for vmap and unrolled; for blocked the requested rows, or by
+  default the documented thresholds (engine.AUTO_BLOCKS), never more than the shard's rows."""
+  assert engine_lib.block_size(execution, local, requested,
+                               replica_steps_per_program=steps) == expected
+
+
 # ---------------------------------------------------------------------------------- fixtures
 
 
