@@ -815,8 +815,9 @@ def parse_equivalence_margins(value) -> dict[str, float]:
   if isinstance(value, str):
     items = []
     for part in (p.strip() for p in value.split(",")):
-      if not part:
-        continue
+      if not part:  # "accuracy=0.01,,js_divergence=0.01", a trailing comma: a typo
+        raise ValueError(f"has an empty entry in {value!r}; write METRIC=MARGIN entries "
+                         "separated by single commas")
       if part.count("=") != 1:
         raise ValueError(f"must be METRIC=MARGIN,... (e.g. accuracy=0.01,agreement=0.02); got "
                          f"{part!r}")
@@ -825,7 +826,11 @@ def parse_equivalence_margins(value) -> dict[str, float]:
     items = list(dict(value).items())
   else:
     raise ValueError(f"must be METRIC=MARGIN,... (e.g. accuracy=0.01); got {value!r}")
+  seen = set()
   for metric, margin in items:
+    if metric in seen:
+      raise ValueError(f"names {metric} twice; give each metric one margin")
+    seen.add(metric)
     if metric not in margins:
       raise ValueError(f"{metric!r} is not a metric; the metrics are {', '.join(margins)}")
     try:

@@ -121,11 +121,6 @@ ACCEPTED = {
     "arm_options.rcd_minval:negative": "the noise teachers' logits may start below 0",
     "analysis_options.equivalence_margins:empty": "the default margins",
 }
-# Known gaps, fixed where the key is parsed (kdjax/stats.py, parse_equivalence_margins, skips
-# empty entries and takes a metric twice); strict: the table says when they are fixed.
-KNOWN_GAPS = {"analysis_options.equivalence_margins:empty_entry",
-              "analysis_options.equivalence_margins:repeated"}
-
 
 def _validate(config, workdir: pathlib.Path):
   return main_lib.validate(config, str(workdir), num_devices=1)
@@ -156,9 +151,7 @@ def _refused(config, workdir: pathlib.Path, *words: str) -> str:
 # ---------------------------------------------------------------- config keys (generated)
 
 
-@pytest.mark.parametrize("case", [
-    pytest.param(c, marks=pytest.mark.xfail(strict=True, reason="parse_equivalence_margins"))
-    if c in KNOWN_GAPS else c for c in sorted(GENERATED)])
+@pytest.mark.parametrize("case", sorted(GENERATED))
 def test_every_config_key_refuses_bad_values(case, tmp_path):
   key, value = GENERATED[case]
   config = _config()
