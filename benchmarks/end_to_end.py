@@ -3,6 +3,8 @@
   ./kd bench end_to_end                              # both parts, table + end_to_end.json
   ./kd bench end_to_end --part study --runs 2        # the default study only, twice each way
   ./kd bench end_to_end --part replicas --replicas 8 24 --executions blocked:1 blocked:4 unrolled
+  ./kd bench end_to_end --part replicas --stage students --batch 64 --replicas 24 \
+      --executions blocked:1 blocked:2 blocked:4 blocked:8 unrolled      # the README's table
 
 Part `study`: `python -m kdjax.main --config=configs/default.py` (all three stages: 1 teacher,
 24 students, the analysis) in a new process, as `./kd run` starts it, once with an empty
@@ -15,9 +17,11 @@ config checked and the dataset loaded); per stage, `compile` is what JAX reports
 rest of the stage (steps, eval, checkpoints, for the analysis its metrics, report and plots).
 `wall` is the whole process from the parent's fork to its exit, what a user waits for.
 
-Part `replicas`: a teacher stage of R replicas (the default cnn on digits, batch 128; every replica
-the same arm, so one block pattern) built with `execution` and stepped in this process:
-`compile` is the first step (tracing + compilation + one step), then examples/s over --steps
+Part `replicas`: a stage of R replicas (the default cnn on digits) built with `execution` and
+stepped in this process: `--stage teacher` (batch 128 by default; every replica the same arm, so
+one block pattern) or `--stage students` (kd, rcd and siddo students, R / 3 seeds each, three
+patterns, as in the default study: `--stage students --batch 64 --replicas 24`). `compile` is
+the first step (tracing + compilation + one step), then ms per step and examples/s over --steps
 steps after 3 warm-up steps (median of 3 runs). The persistent cache is off here. Targets:
 compile at R = 96 at most 2x compile at R = 8 for the default execution.
 
@@ -143,48 +147,72 @@ def study_part(runs: int) -> list[dict]:
 # -------------------------------------------------------------------------- compile time vs R
 
 
-def replicas_part(replicas: list[int], executions: list[str], steps: int) -> list[dict]:
+def _stage_engine(stage: str, replicas: int, execution: str, rows: int, batch: int):
+  """(study, engine, teachers) of a stage of `replicas` default-cnn replicas on digits: the
+  teacher stage (every replica the same arm: one block pattern), or the students stage of the
+  default arms kd, rcd, siddo (replicas // 3 seeds each: three patterns) distilled from an
+  untrained teacher (the work is the same)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from kdjax import study as study_lib  # pylint: disable=g-import-not-at-top
+  from kdjax.engine import Engine, Teachers  # pylint: disable=g-import-not-at-top
+  config = study_lib.load_config(str(ROOT / "configs" / "default.py"))
+  config.batch_size, config.stages = batch, stage
+  config.execution, config.replicas_per_block = execution, rows
+  if stage == "teacher":
+    config.num_teachers = replicas
+  else:
+    config.num_seeds = max(1, replicas // 3)
+  study = study_lib.resolve(config)
+  engine = Engine(study, study.stage(stage).groups[0])
+  teachers = None
+  if stage == "students":
+    teacher = Engine(study, study.teacher.groups[0])
+    teachers = jax.device_put(Teachers(variables=teacher.init_state().variables()),
+                              engine.replicated)
+  return study, engine, teachers
+
+
+def replicas_part(replicas: list[int], executions: list[str], steps: int, stage: str,
+                  batch: int) -> list[dict]:
   import jax  # pylint: disable=g-import-not-at-top
   from kdjax import data  # pylint: disable=g-import-not-at-top
-  from kdjax import study as study_lib  # pylint: disable=g-import-not-at-top
-  from kdjax.engine import Engine  # pylint: disable=g-import-not-at-top
 
-  print(f"\nteacher stage of R cnn replicas on digits, batch 128 ({jax.default_backend()}):")
-  print(f"{'execution':10s} {'R':>4s} {'rows/block':>10s} {'compile s':>10s} {'examples/s':>11s}",
-        flush=True)
+  what = ("teacher stage of R" if stage == "teacher" else
+          "students stage (kd, rcd, siddo: R / 3 seeds each) of R")
+  print(f"\n{what} cnn replicas on digits, batch {batch} ({jax.default_backend()}):")
+  print(f"{'execution':10s} {'R':>4s} {'rows/block':>10s} {'compile s':>10s} {'ms/step':>8s} "
+        f"{'examples/s':>11s}", flush=True)
   results = []
   for choice in executions:
     execution, _, rows = choice.partition(":")
     for r in replicas:
-      config = study_lib.load_config(str(ROOT / "configs" / "default.py"))
-      config.num_teachers, config.batch_size, config.stages = r, 128, "teacher"
-      config.execution, config.replicas_per_block = execution, int(rows or 0)
-      study = study_lib.resolve(config)
-      engine = Engine(study, study.teacher.groups[0])
+      study, engine, teachers = _stage_engine(stage, r, execution, int(rows or 0), batch)
+      r = engine.num_replicas
       arrays = data.to_device(study.data["train"], engine.replicated)
       state = engine.init_state()
       _, order = engine.order_for_step(state, study.num_train)
       jax.block_until_ready(order)
       start = time.perf_counter()
-      state, _ = engine.train_step(state, order, arrays, None)
+      state, _ = engine.train_step(state, order, arrays, teachers)
       jax.block_until_ready(state)
       compile_s = time.perf_counter() - start
       for _ in range(3):
-        state, _ = engine.train_step(state, order, arrays, None)
+        state, _ = engine.train_step(state, order, arrays, teachers)
       jax.block_until_ready(state)
-      rates = []
+      seconds = []
       for _ in range(3):
         start = time.perf_counter()
         for _ in range(steps):
-          state, _ = engine.train_step(state, order, arrays, None)
+          state, _ = engine.train_step(state, order, arrays, teachers)
         jax.block_until_ready(state)
-        rates.append(r * 128 * steps / (time.perf_counter() - start))
-      row = {"execution": engine.execution, "replicas": r,
+        seconds.append((time.perf_counter() - start) / steps)
+      per_step = statistics.median(seconds)
+      row = {"stage": stage, "execution": engine.execution, "replicas": r,
              "replicas_per_block": engine.replicas_per_block, "compile_sec": compile_s,
-             "examples_per_sec": statistics.median(rates)}
+             "ms_per_step": per_step * 1e3, "examples_per_sec": r * batch / per_step}
       results.append(row)
       print(f"{choice:10s} {r:4d} {row['replicas_per_block']:10d} {compile_s:10.1f} "
-            f"{row['examples_per_sec']:11.0f}", flush=True)
+            f"{row['ms_per_step']:8.1f} {row['examples_per_sec']:11.0f}", flush=True)
   return results
 
 
@@ -196,6 +224,9 @@ def main(argv=None) -> None:
   parser.add_argument("--executions", nargs="+", default=["auto"],
                       help="auto, unrolled, vmap, blocked, or blocked:ROWS (rows per block)")
   parser.add_argument("--steps", type=int, default=20, help="timed steps per run (replicas)")
+  parser.add_argument("--stage", choices=("teacher", "students"), default="teacher",
+                      help="replicas part: which stage of R replicas")
+  parser.add_argument("--batch", type=int, default=128, help="replicas part: batch size")
   parser.add_argument("--json", default="end_to_end.json")
   args = parser.parse_args(argv)
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -204,7 +235,8 @@ def main(argv=None) -> None:
     out["study"] = study_part(args.runs)
   if args.part in ("replicas", "both"):
     os.environ["KDJAX_COMPILATION_CACHE"] = "off"
-    out["replicas"] = replicas_part(args.replicas, args.executions, args.steps)
+    out["replicas"] = replicas_part(args.replicas, args.executions, args.steps, args.stage,
+                                    args.batch)
   with open(args.json, "w") as f:
     json.dump(out, f, indent=1)
   print(f"\nwrote {args.json}")
