@@ -122,6 +122,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # of one arm and runs it over the blocks, 'unrolled' compiles all replicas into one program.
   config.execution = "auto"        # 'auto' | 'blocked' | 'unrolled' | 'vmap'
   config.replicas_per_block = 0    # 'blocked': 0 = chosen by the stage's length, or 1, 2, ...
+  # 'vmap': training steps per jitted call (a lax.scan over K steps; results equal K calls):
+  # 0 = 1 on CPU, 8 on GPU/TPU. 'blocked' and 'unrolled' always take one step per call.
+  config.steps_per_call = 0
+  # The models' compute dtype: 'float32' or 'bfloat16' (parameters, BatchNorm statistics and
+  # logits stay float32; the losses upcast). Part of the study: bf16 changes the results.
+  config.compute_dtype = "float32"
   # The device mesh over all devices of all processes: replicas are sharded over 'replica'; each
   # replica's batch over 'data' (gradients summed, BatchNorm statistics synchronised over it).
   # Both 0 (default): each group of each stage gets the mesh that fits it, the largest replica

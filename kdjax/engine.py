@@ -144,6 +144,38 @@ def backend_execution(requested: str) -> str:
 AUTO_BLOCKS = ((28_000, 8), (7_000, 4), (2_500, 2), (0, 1))  # (replica steps per program, rows)
 
 
+# `steps_per_call` 0 (auto) on GPU/TPU under 'vmap': K steps per jitted call, so that Python's
+# dispatch (two programs per step) is paid once per K steps; small models on a GPU are dominated
+# by it. Not measured on a GPU yet (benchmarks/accelerator_check.sh measures the step rate).
+AUTO_STEPS_PER_CALL = 8
+
+
+def steps_per_call(execution: str, requested: int) -> int:
+  """Training steps per jitted call: `requested` (0 = 1 on CPU, AUTO_STEPS_PER_CALL on GPU/TPU)
+  under 'vmap'; always 1 under 'blocked' and 'unrolled' (a `lax.scan` over convolutions runs
+  about 10x slower on XLA:CPU, and 'blocked' runs several block programs per step)."""
+  if execution != "vmap":
+    return 1
+  if not requested:
+    return 1 if jax.default_backend() == "cpu" else AUTO_STEPS_PER_CALL
+  return requested
+
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def compute_dtype(config) -> str:
+  return str(config.get("compute_dtype", "float32"))
+
+
+def with_dtype(module, dtype: str):
+  """`module` computing in `dtype` (every kdjax model has a `dtype` field; parameters stay
+  float32, logits are cast to float32)."""
+  if dtype == "float32":
+    return module
+  return module.clone(dtype=jnp.dtype(dtype))
+
+
 def block_size(execution: str, local_replicas: int, requested: int = 0, *,
                replica_steps_per_program: float = 0.0) -> int:
   """Rows (replicas) per compiled block: every replica of a shard for 'vmap' and 'unrolled' (one
@@ -176,9 +208,12 @@ class Engine:
     self.config = study.config
     self.group: Group = group
     self.spec = study.dataset
-    self.module = group.module(self.spec.num_classes)
-    self.teacher_module = None if group.teacher_model is None else \
-        group.teacher_model.module(self.spec.num_classes)
+    # `config.compute_dtype`: the models compute in it (parameters, BatchNorm statistics and
+    # logits stay float32; the losses upcast), teachers' forward passes too.
+    self.compute_dtype = compute_dtype(self.config)
+    self.module = with_dtype(group.module(self.spec.num_classes), self.compute_dtype)
+    self.teacher_module = None if group.teacher_model is None else with_dtype(
+        group.teacher_model.module(self.spec.num_classes), self.compute_dtype)
     self.tx = optim.make_optimizer(self.config.optimizer, self.group.total_steps,
                                    self.group.replicas[0].learning_rate)
     self.arms = self.group.arms()
@@ -225,6 +260,9 @@ class Engine:
     self._blocks = block_layout(self.num_replicas // self.replica_shards,
                                 self.replicas_per_block)
     self._step_inputs = compilation.jit(self._make_step_inputs)
+    # Training steps per jitted call (`train_steps`): K under 'vmap' (one block), else 1.
+    self.steps_per_call = steps_per_call(self.execution,
+                                         int(self.config.get("steps_per_call", 1)))
     self._programs: dict = {}  # (what, pattern) -> jitted block program
     # Each block's (offset, start) as device scalars (traced: one program per pattern).
     self._block_args = [jax.device_put((np.int32(o), np.int32(s)), self.replicated)
@@ -521,6 +559,27 @@ class Engine:
     params, batch_stats, opt_state, diverged, metrics = carry
     return state.replace(step=next_step, params=params, batch_stats=batch_stats,
                          opt_state=opt_state, diverged=diverged), metrics
+
+  def train_steps(self, state: TrainState, order, arrays: Mapping[str, jax.Array],
+                  teachers: Teachers | None, n: int):
+    """`n` steps of every replica within one epoch (`order` is its order). With
+    `steps_per_call` K > 1 and n == K, one jitted call: a `lax.scan` over K copies of
+    `train_step` (the batch-building program and the block program, traced into one program),
+    equal to K calls of `train_step`; otherwise n calls of `train_step`. Returns (the new state,
+    the metrics of the last step)."""
+    if n > 1 and n == self.steps_per_call:
+      key = ("steps", n)
+      if key not in self._programs:
+        def run(state, order, arrays, teachers):
+          state, metrics = jax.lax.scan(
+              lambda s, _: self.train_step(s, order, arrays, teachers), state, None, length=n)
+          return state, jax.tree.map(lambda m: m[-1], metrics)
+        self._programs[key] = compilation.jit(run, donate_argnums=(0,))
+      return self._programs[key](state, order, arrays, teachers)
+    metrics = None
+    for _ in range(n):
+      state, metrics = self.train_step(state, order, arrays, teachers)
+    return state, metrics
 
   def predict(self, variables, x):
     """Logits of every replica on one shared input batch x: [R, B, ...classes]."""

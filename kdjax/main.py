@@ -50,7 +50,8 @@ flags.FLAGS["config"].parser = _ConfigFileParser()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
 
 # Keys that may change between runs of one study (how it is run, not what it is).
-RUN_KEYS = ("stages", "overwrite", "execution", "replicas_per_block", "log_every_steps",
+RUN_KEYS = ("stages", "overwrite", "execution", "replicas_per_block", "steps_per_call",
+            "log_every_steps",
             "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints", "eval_batch_size",
             "data_dir", "mesh",
             # How the analysis tests (TOST margins): a rerun with --config.stages=analysis may
@@ -64,8 +65,13 @@ def fail(message: str) -> None:
   sys.exit(2)
 
 
+# Study keys added later, with the value that workdirs from before the key existed trained with.
+LATER_KEYS = {"compute_dtype": "float32"}
+
+
 def _study_fields(config_json: dict) -> dict:
-  return {k: v for k, v in config_json.items() if k not in RUN_KEYS}
+  return {k: v for k, v in config_json.items()
+          if k not in RUN_KEYS and not (k in LATER_KEYS and v == LATER_KEYS[k])}
 
 
 def _check_workdir(workdir: str, config) -> bool:

@@ -315,6 +315,10 @@ def resolve(config, *, num_devices: int | None = None) -> Study:
   _choice(config, "execution", EXECUTIONS)
   if "replicas_per_block" in config:
     _int(config, "replicas_per_block", low=0)
+  if "steps_per_call" in config:
+    _int(config, "steps_per_call", low=0)
+  if "compute_dtype" in config:
+    _choice(config, "compute_dtype", ("float32", "bfloat16"))
   _choice(config, "optimizer.name", optim.OPTIMIZERS)
   _choice(config, "optimizer.schedule", optim.SCHEDULES)
   _optimizer_numbers(config)

@@ -162,6 +162,11 @@ def run_stage(study: Study, stage: str, workdir: str) -> None:
       (f" over {jax.process_count()} processes" if jax.process_count() > 1 else ""))
   execution = first.execution if first.execution != "blocked" else \
       f"blocked, {first.replicas_per_block} per block"
+  per_call_now = max(e.steps_per_call for e in stage_engines)
+  if per_call_now > 1:
+    execution += f", {per_call_now} steps per call"
+  if first.compute_dtype != "float32":
+    execution += f", {first.compute_dtype} compute"
   if primary:
     print(f"[{stage}] {len(spec_stage.replicas)} replicas ({models}; {execution}, "
           f"{jax.device_count()} {jax.default_backend()} device(s)), {total} steps{where}",
@@ -169,17 +174,21 @@ def run_stage(study: Study, stage: str, workdir: str) -> None:
   epoch, orders = -1, {}
   start_time, start_step = time.perf_counter(), step
   last_metrics = {}
+  per_call = max(e.steps_per_call for e in stage_engines)
   with preemption.StopRequests() as stop:
     while step < total:
       if step // spec_stage.steps_per_epoch != epoch:
         for engine in stage_engines:
           epoch, orders[engine.group.key] = engine.order_for_step(states[engine.group.key],
                                                                   num_train)
+      n = steps_this_call(step, per_call, total, spec_stage.steps_per_epoch,
+                          [int(config[k]) for k in ("log_every_steps", "eval_every_steps",
+                                                    "checkpoint_every_steps")])
       for engine in stage_engines:
         key = engine.group.key
-        states[key], last_metrics[key] = engine.train_step(states[key], orders[key],
-                                                           train_arrays[key], teachers.get(key))
-      step += 1
+        states[key], last_metrics[key] = engine.train_steps(
+            states[key], orders[key], train_arrays[key], teachers.get(key), n)
+      step += n
       stopping = stop.poll(step)  # the same answer in every process (kdjax.preemption)
       if any(step % int(config[k]) == 0 for k in ("log_every_steps", "eval_every_steps",
                                                   "checkpoint_every_steps")) \
@@ -206,6 +215,21 @@ def run_stage(study: Study, stage: str, workdir: str) -> None:
   if tensorboard is not None:
     tensorboard.flush()
     tensorboard.close()
+
+
+def steps_this_call(step: int, per_call: int, total: int, steps_per_epoch: int,
+                    every: list[int]) -> int:
+  """Steps the stage loop takes from `step` in one call: `per_call` (K) when no point where the
+  loop must stop inside the call lies strictly between step and step + K (an epoch's end, where
+  the order changes; a multiple of any of `every`, the log/eval/checkpoint intervals; the
+  stage's end), else 1. So a stage compiles at most two step programs (K steps and one step),
+  and evaluates, logs and saves at the same steps whatever K is; a stop request (preemption) is
+  polled after each call, so it is answered within K steps."""
+  if per_call <= 1:
+    return 1
+  end = min([total, (step // steps_per_epoch + 1) * steps_per_epoch] +
+            [(step // e + 1) * e for e in every])
+  return per_call if step + per_call <= end else 1
 
 
 def class_relations(engine: Engine, variables, train: dict, batch_size: int) -> np.ndarray:

@@ -416,3 +416,102 @@ def test_optimizers_with_a_per_replica_learning_rate(case):
       unclipped = loop(learning_rate=lr, opt=dataclasses.replace(opt, grad_clip_norm=0.0))
       assert _max_diff(ours, unclipped["params"]) > 1e-3, (f"{case} lr {lr}: without clipping",
                                                            refs[lr]["grad_norms"])
+
+
+# ---------------------------------------------------------------- steps per call, bf16 compute
+
+
+def _run_students(workdir, *, stop_at=None, monkeypatch=None, **overrides):
+  """The students stage of a 2-replica onehot MLP study (vmap, 2 epochs of 10 steps) through
+  kdjax.train.run_stage in `workdir`; with `stop_at` a stop request is answered at the first
+  poll at or after that step (preemption: checkpoint, then Preempted). Returns the final params
+  read back from the checkpoints, or None when stopped."""
+  import signal as signal_lib
+  from kdjax import preemption
+  from kdjax import train
+  study = _study(model="mlp", model_kwargs=MLP, arms="onehot", num_seeds=2, num_epochs=2,
+                 execution="vmap", stages="students", log_every_steps=5, eval_every_steps=10,
+                 checkpoint_every_steps=7, **overrides)
+  if stop_at is not None:
+    def poll(self, step):
+      if step >= stop_at:
+        self.signum = signal_lib.SIGTERM
+      return self.signum is not None
+    monkeypatch.setattr(preemption.StopRequests, "poll", poll)
+    with pytest.raises(preemption.Preempted):
+      train.run_stage(study, "students", str(workdir))
+    monkeypatch.undo()
+    return None
+  train.run_stage(study, "students", str(workdir))
+  _, states = train.load_final_state(study, str(workdir), "students")
+  return study, states["group0"].params
+
+
+def test_stage_loop_takes_one_or_k_steps_per_call_between_its_stopping_points():
+  """K steps only where no epoch end, log/eval/checkpoint multiple or stage end lies strictly
+  inside the call; 1 step otherwise (reference: the boundaries listed by hand)."""
+  from kdjax import train
+  every = [5, 10, 7]  # log, eval, checkpoint; 10 steps per epoch, 20 in all
+  calls, step = [], 0
+  while step < 20:
+    n = train.steps_this_call(step, 4, 20, 10, every)
+    calls.append((step, n))
+    step += n
+  assert calls == [(0, 4), (4, 1), (5, 1), (6, 1), (7, 1), (8, 1), (9, 1), (10, 4), (14, 1),
+                   (15, 4), (19, 1)]
+  assert [train.steps_this_call(s, 1, 20, 10, every) for s in (0, 10, 15)] == [1, 1, 1]
+
+
+def test_steps_per_call_equals_single_calls_and_a_resume_is_exact(tmp_path, monkeypatch):
+  """steps_per_call=4 under 'vmap' (scanned K-step calls at steps 0, 10 and 15, single steps at
+  the log/eval/checkpoint/epoch boundaries between) ends where steps_per_call=1 ends, and both
+  where a plain per-replica loop over the documented batches ends (the reference; it crosses the
+  epoch boundary, where the order changes). Stopped by a stop request at step 14 (a checkpoint
+  mid-stage) and rerun, the K=4 run ends bitwise where the uninterrupted K=4 run ends."""
+  study, one = _run_students(tmp_path / "k1", steps_per_call=1)
+  _, four = _run_students(tmp_path / "k4", steps_per_call=4)
+  assert _run_students(tmp_path / "k4_resumed", stop_at=12, monkeypatch=monkeypatch,
+                       steps_per_call=4) is None
+  from kdjax import train
+  ckpt = train.checkpoints(str(tmp_path / "k4_resumed"), "students", read_only=True)
+  assert ckpt.latest_step() == 14  # the first poll at or after step 12 ends the call 10 -> 14
+  ckpt.close()
+  _, resumed = _run_students(tmp_path / "k4_resumed", steps_per_call=4)
+  _close(four, one, rtol=1e-5, atol=1e-6, what="K=4 against K=1")
+  np.testing.assert_equal(jax.tree.map(np.asarray, resumed), jax.tree.map(np.asarray, four))
+
+  total = study.students.total_steps
+  assert total == 20
+  module = models.get("mlp", num_classes=10, **MLP)
+  x_all, y_all = _digits_inputs("train", study.dataset)
+  for r, replica in enumerate(study.students.replicas):
+    ref = _plain_loop(module, _Opt(total_steps=total), init_key=_key("students", replica.seed,
+                                                                     "init"),
+                      learning_rate=LR, batches=_batches("students", replica.seed, total,
+                                                         x_all, y_all))
+    _close(_row(four, r), ref["params"], rtol=1e-5, atol=1e-6, what=f"K=4 replica {r}")
+
+
+def test_bfloat16_compute_keeps_float32_parameters_and_a_close_loss():
+  """compute_dtype='bfloat16': a training step of two cnn students runs, the parameters and
+  optimiser state stay float32 and the loss float32, and each replica's loss is within bf16
+  tolerance of the float32 step's (the reference) without being equal to it (the convs did
+  compute in bf16). Every model family's bf16 dtype threading: tests/test_models.py."""
+  losses_by_dtype = {}
+  for dtype in ("float32", "bfloat16"):
+    study = _study(model="cnn", model_kwargs={"width": 0.25}, arms="onehot", num_seeds=2,
+                   execution="vmap", compute_dtype=dtype)
+    engine = _engine(study, "students")
+    assert engine.module.dtype == jnp.dtype(dtype)
+    arrays, _ = _placed(engine, study)
+    state = engine.init_state()
+    _, order = engine.order_for_step(state, study.num_train)
+    state, metrics = engine.train_step(state, order, arrays, None)
+    leaves = jax.tree.leaves((state.params, state.opt_state, state.batch_stats))
+    assert {leaf.dtype for leaf in leaves if jnp.issubdtype(leaf.dtype, jnp.floating)} == \
+        {jnp.dtype("float32")}
+    assert metrics["loss"].dtype == jnp.float32
+    losses_by_dtype[dtype] = np.asarray(metrics["loss"])
+  np.testing.assert_allclose(losses_by_dtype["bfloat16"], losses_by_dtype["float32"],
+                             rtol=2e-2)
+  assert np.any(losses_by_dtype["bfloat16"] != losses_by_dtype["float32"])

@@ -321,6 +321,24 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
   assert features["block1"].dtype == jnp.bfloat16
 
 
+# Every family of the registry with its dtype threaded (one architecture each; the input shapes
+# of SHAPE_CASES).
+BF16_CASES = ("cnn", "mlp", "resnet20", "resnet56", "resnet18", "wrn_40_2", "vgg8",
+              "mobilenet_v2", "char_transformer", "audio_m5")
+
+
+@pytest.mark.parametrize("name", BF16_CASES)
+def test_bfloat16_compute_in_every_family(name):
+  """dtype=bfloat16 (the engine's compute_dtype): parameters and BatchNorm statistics float32,
+  the vector fed to the head computed in bf16, the logits float32."""
+  num_classes, x_shape, x_dtype, kw, _, _ = SHAPE_CASES[name]
+  variables, logits, features = _abstract(name, num_classes, x_shape, x_dtype,
+                                          dtype=jnp.bfloat16, **kw)
+  assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(variables)} == {jnp.dtype("float32")}
+  assert logits.dtype == jnp.float32
+  assert features["pre_logits"].dtype == jnp.bfloat16
+
+
 # ----------------------------------------------------------------------------------------------
 # Features and class activation maps on actual numbers.
 
