@@ -15,6 +15,22 @@ and XLA's `cost_analysis()` of each compiled program is read (flops, bytes acces
 The batch-building program is the same for all three and not counted. `memory_analysis()` of
 the vmap program gives its device memory (arguments, outputs, temporaries). Runs on CPU; the
 counts are XLA's, not measured time.
+
+  ./kd bench cost_model --models cnn,resnet20,resnet56,wrn_40_2 [--batch 128] [--json F]
+
+With --models, per model instead (cnn on digits at the default study's width; any other on
+random 32x32x3 `npz:` data, CIFAR size, as benchmarks/replica_throughput.py builds it), for a
+teacher stage (labels only, no teacher pass) compiled as the engine compiles it:
+  * FLOPs and bytes accessed per replica step: XLA's cost_analysis of the single-replica block
+    program ('blocked', one row);
+  * the FLOP overhead of the vmap program at R = 2 over 2 independent replicas;
+  * device memory for R replicas: memory_analysis of the vmap block program (arguments +
+    outputs - donated aliases + temporaries) plus the train split on the device, at R = 1 and
+    R = 2; memory is linear in R (state, batches and activations all scale with R), so the fit
+    a + b R gives the largest R that fits 80 GB (A100/H100) and 141 GB (H200).
+The batch-building program is not counted (its FLOPs are nil; its memory is the batch, which
+the block program's arguments already hold). On 2 CPU cores compiling the four models takes a
+few minutes (resnet56 and wrn_40_2 most of it; the README gives the measured time).
 """
 
 from __future__ import annotations
@@ -23,8 +39,12 @@ import argparse
 import collections
 import json
 import pathlib
+import sys
+import tempfile
+import time
 
 import jax
+import numpy as np
 
 from kdjax import data
 from kdjax import study as study_lib
@@ -70,13 +90,118 @@ def _costs(engine: Engine, study, pattern=None) -> list[dict]:
   return out
 
 
+GB = 1e9
+DEVICE_MEMORY_GB = (80, 141)  # A100/H100 80 GB; H200 141 GB
+
+
+def _model_study(model: str, replicas: int, dataset: str, batch: int, execution: str):
+  config = study_lib.load_config(str(ROOT / "configs" / "default.py"))
+  if model != config.model:
+    config.model_kwargs = {}
+  config.model, config.dataset, config.batch_size = model, dataset, batch
+  config.num_teachers, config.stages = replicas, "teacher"
+  config.execution, config.replicas_per_block = execution, 1
+  return study_lib.resolve(config)
+
+
+def _program_costs(model: str, replicas: int, dataset: str, batch: int, execution: str) -> dict:
+  """XLA's cost and memory analysis of the (first) block program of a teacher stage of
+  `replicas` replicas of `model`, and its compile time."""
+  study = _model_study(model, replicas, dataset, batch, execution)
+  engine = Engine(study, study.teacher.groups[0])
+  arrays = data.to_device(study.data["train"], engine.replicated)
+  state = engine.init_state()
+  _, order = engine.order_for_step(state, study.num_train)
+  inputs, metrics, _ = engine._step_inputs(state, order, arrays)  # pylint: disable=protected-access
+  carry = (state.params, state.batch_stats, state.opt_state, state.diverged, metrics)
+  per_replica = (state.keys, *engine._replica_constants, *inputs)  # pylint: disable=protected-access
+  program = engine._program("train", engine._train_patterns[0])  # pylint: disable=protected-access
+  offset, start = engine._block_args[0]  # pylint: disable=protected-access
+  begin = time.perf_counter()
+  # Donated as the engine donates it, so its outputs alias its arguments' buffers.
+  compiled = jax.jit(program, donate_argnums=(0,)).lower(
+      carry, per_replica, (state.step, None), offset, start).compile()
+  seconds = time.perf_counter() - begin
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  memory = compiled.memory_analysis()
+  dataset_bytes = sum(int(np.asarray(a).nbytes) for a in jax.tree.leaves(study.data["train"]))
+  program_bytes = None if memory is None else int(
+      memory.argument_size_in_bytes + memory.output_size_in_bytes -
+      memory.alias_size_in_bytes + memory.temp_size_in_bytes)
+  return {"flops": float(cost.get("flops", 0.0)), "bytes": float(cost.get("bytes accessed", 0.0)),
+          "program_memory_bytes": program_bytes, "dataset_bytes": dataset_bytes,
+          "compile_sec": seconds, "replicas_per_block": engine.replicas_per_block}
+
+
+def model_costs(model: str, dataset: str, batch: int) -> dict:
+  """Per replica step FLOPs and bytes, the vmap FLOP overhead at R = 2, and the memory fit."""
+  single = _program_costs(model, 1, dataset, batch, "blocked")
+  vmaps = {r: _program_costs(model, r, dataset, batch, "vmap") for r in (1, 2)}
+  out = {"model": model, "batch": batch, "flops_per_replica_step": single["flops"],
+         "bytes_per_replica_step": single["bytes"],
+         "vmap_flop_overhead": vmaps[2]["flops"] / (2 * single["flops"]),
+         "vmap_bytes_overhead": vmaps[2]["bytes"] / (2 * single["bytes"]),
+         "compile_sec": {"single": single["compile_sec"],
+                         **{f"vmap_r{r}": v["compile_sec"] for r, v in vmaps.items()}}}
+  if vmaps[1]["program_memory_bytes"] is not None:
+    total = {r: v["program_memory_bytes"] + v["dataset_bytes"] for r, v in vmaps.items()}
+    per_replica = total[2] - total[1]
+    fixed = total[1] - per_replica
+    out.update(memory_bytes={str(r): b for r, b in total.items()},
+               memory_per_replica_bytes=per_replica, memory_fixed_bytes=fixed,
+               max_replicas={str(gb): int((gb * GB - fixed) // max(per_replica, 1))
+                             for gb in DEVICE_MEMORY_GB})
+  return out
+
+
+def models_main(args) -> list[dict]:
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  from replica_throughput import _synthetic32  # pylint: disable=g-import-not-at-top
+  results = []
+  begin = time.perf_counter()
+  with tempfile.TemporaryDirectory() as tmp:
+    cifar = _synthetic32(tmp, args.num_train)
+    print(f"XLA cost and memory analysis per model ({jax.default_backend()}, batch {args.batch} "
+          f"per replica; teacher stage, labels only):", flush=True)
+    header = (f"{'model':10s} {'data':8s} {'GFLOP/replica-step':>18s} {'GB accessed':>11s} "
+              f"{'vmap FLOPs x':>12s} {'MiB at R=1':>10s} {'MiB/replica':>11s} "
+              f"{'R fits 80GB':>11s} {'141GB':>7s} {'compile s':>9s}")
+    print(header, flush=True)
+    for model in args.models.split(","):
+      dataset = "digits" if model == "cnn" else cifar
+      r = model_costs(model, dataset, args.batch)
+      r["data"] = "digits" if model == "cnn" else "32x32x3"
+      results.append(r)
+      mem = r.get("memory_bytes", {})
+      print(f"{model:10s} {r['data']:8s} {r['flops_per_replica_step'] / 1e9:18.3f} "
+            f"{r['bytes_per_replica_step'] / 1e9:11.3f} {r['vmap_flop_overhead']:12.3f} "
+            f"{mem.get('1', 0) / 2**20:10.1f} {r.get('memory_per_replica_bytes', 0) / 2**20:11.1f} "
+            f"{r.get('max_replicas', {}).get('80', 0):11d} "
+            f"{r.get('max_replicas', {}).get('141', 0):7d} "
+            f"{sum(r['compile_sec'].values()):9.1f}", flush=True)
+  print(f"({time.perf_counter() - begin:.0f} s in all)", flush=True)
+  return results
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--arms", default="kd,rcd,siddo")
   parser.add_argument("--seeds", type=int, default=8)
   parser.add_argument("--num-teachers", type=int, default=1)
+  parser.add_argument("--models", default=None,
+                      help="comma-separated models: per-model costs and memory fit instead")
+  parser.add_argument("--batch", type=int, default=128, help="--models: batch per replica")
+  parser.add_argument("--num-train", type=int, default=2048,
+                      help="--models: examples of the random 32x32x3 data")
   parser.add_argument("--json", default=None)
   args = parser.parse_args(argv)
+  if args.models:
+    results = models_main(args)
+    if args.json:
+      with open(args.json, "w") as f:
+        json.dump({"backend": jax.default_backend(), "results": results}, f, indent=1)
+    return
 
   vmap_study = _study(args, "vmap")
   engine = Engine(vmap_study, vmap_study.students.groups[0])

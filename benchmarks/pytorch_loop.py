@@ -52,6 +52,11 @@ and end (on a shared machine the wall times vary several-fold: torch's default i
 slow down badly when the cores are busy), and the test accuracy per arm; --json FILE writes the
 same figures. Compare with kdjax's `./kd bench end_to_end --part study` (benchmarks/end_to_end.py),
 which times `./kd run --config=configs/default.py` (all three stages) the same way.
+
+--device cuda trains on a GPU (data, models and noise there; the data order from the same CPU
+generators), --num-seeds and --epochs shrink or grow the study; the students' examples/s
+(students x epochs x train examples / their training time) is printed and written to the JSON:
+benchmarks/accelerator_check.sh compares it with the engine's.
 """
 
 from __future__ import annotations
@@ -167,11 +172,12 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, arm: str, seed: in
       optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) /
                                                     total_steps)))
   generator = torch.Generator().manual_seed(seed)
+  device = x.device
   model.train()
   for _ in range(NUM_EPOCHS):
     order = torch.randperm(n, generator=generator)
     for start in range(0, n, BATCH_SIZE):
-      idx = order[start:start + BATCH_SIZE]
+      idx = order[start:start + BATCH_SIZE].to(device)
       xb, yb = x[idx], y[idx]
       logits = model(xb)
       if arm == "kd":
@@ -179,8 +185,8 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, arm: str, seed: in
           teacher_logits = teacher(xb)
         loss = kd_loss(logits, teacher_logits, yb)
       elif arm == "rcd":
-        noise = torch.rand(logits.shape, generator=generator) * (RCD_MAXVAL - RCD_MINVAL) \
-            + RCD_MINVAL
+        noise = torch.rand(logits.shape, generator=generator).to(device) * \
+            (RCD_MAXVAL - RCD_MINVAL) + RCD_MINVAL
         loss = kd_loss(logits, noise, yb)
       else:  # teacher, siddo
         loss = F.cross_entropy(logits, yb)
@@ -198,36 +204,47 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def main(argv=None) -> dict:
+  global NUM_EPOCHS, NUM_SEEDS  # pylint: disable=global-statement
   parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
   parser.add_argument("--json", metavar="FILE", help="write the figures to FILE as JSON")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+  parser.add_argument("--num-seeds", type=int, default=NUM_SEEDS, help="students per arm")
+  parser.add_argument("--epochs", type=int, default=NUM_EPOCHS)
   args = parser.parse_args(argv)
+  NUM_EPOCHS, NUM_SEEDS = args.epochs, args.num_seeds
+  device = torch.device(args.device)
+  sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
   times = {"import": _T_IMPORT}
 
   t = time.perf_counter()
   data = load_data()
-  x_train, y_train = data["train"]
-  x_test, y_test = data["test"]
+  x_train, y_train = (t.to(device) for t in data["train"])
+  x_test, y_test = (t.to(device) for t in data["test"])
   times["data"] = time.perf_counter() - t
 
   t = time.perf_counter()
   torch.manual_seed(args.seed)
-  teacher = CNN()
+  teacher = CNN().to(device)
   teacher_init = {k: v.clone() for k, v in teacher.state_dict().items()}
   train(teacher, x_train, y_train, "teacher", seed=args.seed)
   teacher.eval()
+  sync()
   times["teacher_train"] = time.perf_counter() - t
 
   t = time.perf_counter()
   students = []
   for a, arm in enumerate(ARMS):
     for s in range(NUM_SEEDS):
-      student = CNN()
+      student = CNN().to(device)
       student.load_state_dict(teacher_init)  # identical initialisation (student_init='teacher')
       seed = args.seed + 1 + a * NUM_SEEDS + s   # each student its own data order / noise
       train(student, x_train, y_train, arm, seed=seed, teacher=teacher if arm == "kd" else None)
       students.append((arm, student))
+  sync()
   times["students_train"] = time.perf_counter() - t
+  students_examples_per_sec = len(students) * NUM_EPOCHS * x_train.shape[0] / \
+      times["students_train"]
 
   t = time.perf_counter()
   teacher_accuracy = accuracy(teacher, x_test, y_test)
@@ -251,6 +268,9 @@ def main(argv=None) -> dict:
       "python": platform.python_version(),
       "machine": platform.machine(),
       "seed": args.seed,
+      "device": str(device),
+      "num_students": len(students),
+      "students_examples_per_sec": students_examples_per_sec,
       # The process's CPU time (all threads) and the 1-minute load average at start and end: a
       # wall time far above cpu_s / threads, or a load above the core count, means the machine
       # was shared.
@@ -264,6 +284,7 @@ def main(argv=None) -> dict:
   print(f"{'cpu':>15s} {cpu_s:8.2f} s (process CPU time, {torch.get_num_threads()} threads); "
         f"1-min load average {_LOAD0[0]:.2f} at start, {os.getloadavg()[0]:.2f} at end, "
         f"{os.cpu_count()} CPUs")
+  print(f"students: {len(students)} on {device}, {students_examples_per_sec:.0f} examples/s")
   print(f"teacher test accuracy {teacher_accuracy:.4f}")
   for arm, values in per_arm.items():
     print(f"{arm:>6s} students: mean test accuracy {statistics.fmean(values):.4f} "

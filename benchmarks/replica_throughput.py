@@ -78,6 +78,8 @@ def _study(args, replicas: int, dataset: str) -> study_lib.Study:
   config.execution = args.execution
   config.replicas_per_block = args.replicas_per_block
   config.stages = "teacher"
+  config.steps_per_call = args.steps_per_call
+  config.compute_dtype = args.compute_dtype
   return study_lib.resolve(config)
 
 
@@ -132,10 +134,12 @@ def measure(args, replicas: int, dataset: str) -> dict:
   single_step = _single_step_fn(engine, single_arrays, args.batch)
   counter = {"sequential": 0}
 
+  per_call = engine.steps_per_call  # --steps-per-call: each engine call takes K steps
+
   def engine_steps(n):
     nonlocal state
     for _ in range(n):
-      state, _ = engine.train_step(state, order, arrays, None)
+      state, _ = engine.train_steps(state, order, arrays, None, per_call)
     jax.block_until_ready(state)
 
   def sequential_steps(n):
@@ -153,8 +157,9 @@ def measure(args, replicas: int, dataset: str) -> dict:
   engine_steps(args.warmup)
   sequential_steps(args.warmup)
   engine_times, seq_times = [], []
+  calls = max(1, args.steps // per_call)
   for _ in range(args.repeats):
-    engine_times.append(_time(engine_steps, args.steps) / args.steps)
+    engine_times.append(_time(engine_steps, calls) / (calls * per_call))
     seq_times.append(_time(sequential_steps, args.steps) / args.steps)
   engine_dt, seq_dt = statistics.median(engine_times), statistics.median(seq_times)
   examples = replicas * args.batch
@@ -163,7 +168,11 @@ def measure(args, replicas: int, dataset: str) -> dict:
           "engine_examples_per_sec": examples / engine_dt,
           "sequential_examples_per_sec": examples / seq_dt,
           "engine_ms_per_step": engine_dt * 1e3, "sequential_ms_per_step": seq_dt * 1e3,
-          "engine_compile_sec": engine_compile, "sequential_compile_sec": seq_compile}
+          "engine_compile_sec": engine_compile, "sequential_compile_sec": seq_compile,
+          "steps_per_call": per_call, "compute_dtype": engine.compute_dtype,
+          # The device's peak allocation so far in this process (None where the backend does
+          # not report it, e.g. CPU): after the largest R, the peak of that R's run.
+          "peak_memory_bytes": (device.memory_stats() or {}).get("peak_bytes_in_use")}
 
 
 def main(argv=None) -> None:
@@ -182,6 +191,9 @@ def main(argv=None) -> None:
   parser.add_argument("--execution", choices=study_lib.EXECUTIONS, default="auto")
   parser.add_argument("--replicas-per-block", type=int, default=0,
                       help="execution 'blocked': rows per block (0: the engine's choice)")
+  parser.add_argument("--steps-per-call", type=int, default=1,
+                      help="engine training steps per jitted call ('vmap' only; 0 = auto)")
+  parser.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32")
   parser.add_argument("--json", default=None, help="write the results to this file")
   args = parser.parse_args(argv)
   data_name = args.data or ("digits" if args.model == "cnn" else "synthetic32")
