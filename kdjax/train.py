@@ -4,14 +4,28 @@ A stage resumes from its latest checkpoint, so rerunning the same command after 
 continues where it stopped and ends with the parameters of an uninterrupted run. Eval accuracy and
 loss of every replica go to TensorBoard event files in WORKDIR/<stage>/ (kdjax.summaries, no
 TensorFlow); the console gets a progress line (step, steps/s, ETA) and per-arm means (absl INFO).
+
+Similarity over training (students stage): at every eval, each student's `CURVE_METRICS`
+against its own teacher on the eval split (kdjax.metrics.SimilarityMetrics over the same padded
+eval batches as the analysis; the teachers' eval logits are computed once per stage, since they
+do not change while students train) go to TensorBoard (`replica_003_kd_s3/agreement`, ...,
+`arm_kd/agreement`) and to WORKDIR/students/curves.json (`CURVES_FILE`), which the analysis turns
+into the `curves` of metrics.json and plots/curves.png. curves.json, not the event files, is the
+record: it is rewritten whole (temporary file renamed over it) at every eval, so a kill leaves
+the previous complete file, and on resume the points after the restored step are dropped and
+recomputed (training is deterministic, so they come back the same); event files, in contrast,
+get duplicate steps on resume and are copied to object stores only every 60 s.
 """
 
 from __future__ import annotations
 
 import collections
+import json
+import math
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
@@ -20,10 +34,17 @@ from kdjax import checkpoint as checkpoint_lib
 from kdjax import data as data_lib
 from kdjax import distributed
 from kdjax import losses
+from kdjax import metrics as metrics_lib
 from kdjax import preemption
 from kdjax import workdir as workdir_lib
-from kdjax.engine import Engine, Teachers, eval_batch_jit
+from kdjax.engine import Engine, Teachers, _eval_sums, eval_batch_jit
 from kdjax.study import Study
+
+
+# The similarity-over-training metrics (SimilarityMetrics names) recorded at every students eval.
+CURVE_METRICS = ("accuracy", "agreement", "agree_when_teacher_correct",
+                 "agree_when_teacher_incorrect", "js_divergence")
+CURVES_FILE = "curves.json"
 
 
 def stage_dir(workdir: str, stage: str) -> str:
@@ -107,10 +128,14 @@ def run_stage(study: Study, stage: str, workdir: str) -> None:
   stage_engines = engines(study, stage)
   first = stage_engines[0]
   teachers = {}
-  if stage == "students" and arms_lib.uses_teacher([r.arm for r in spec_stage.replicas]):
-    teacher_engines, teacher_states = load_final_state(study, workdir, "teacher")
-    teacher_engines = {e.group.key: e for e in teacher_engines}
-    for engine in stage_engines:
+  teacher_eval = None
+  uses_teacher = stage == "students" and arms_lib.uses_teacher(
+      [r.arm for r in spec_stage.replicas])
+  if stage == "students" and (uses_teacher or _teacher_finished(study, workdir)):
+    teacher_list, teacher_states = load_final_state(study, workdir, "teacher")
+    teacher_eval = teacher_eval_logits(study, teacher_list, teacher_states)
+    teacher_engines = {e.group.key: e for e in teacher_list}
+    for engine in stage_engines if uses_teacher else ():
       if engine.group.teacher_group is not None:
         variables = teacher_states[engine.group.teacher_group].variables()
         relations = None
@@ -119,7 +144,7 @@ def run_stage(study: Study, stage: str, workdir: str) -> None:
                                       study.data["train"], int(config.eval_batch_size))
         teachers[engine.group.key] = jax.device_put(Teachers(
             variables=variables, class_relations=relations), engine.replicated)
-    del teacher_states, teacher_engines
+    del teacher_states, teacher_engines, teacher_list
 
   # The splits on every mesh of the stage's groups (one copy per distinct mesh).
   placed = {}
@@ -151,6 +176,9 @@ def run_stage(study: Study, stage: str, workdir: str) -> None:
   # Several processes: every one computes (host reads are collectives), process 0 reports.
   primary = distributed.is_primary()
   tensorboard = workdir_lib.summary_writer(logdir) if primary else None
+  curves = None
+  if teacher_eval is not None:
+    curves = Curves(workdir_lib.join(logdir, CURVES_FILE), spec_stage, primary, latest or 0)
   console = primary  # per-arm eval accuracy as absl INFO lines
   step = int(states[first.group.key].step)
   models = ", ".join(f"{len(e.group.replicas)} of {e.group.model.label}" for e in stage_engines)
@@ -199,7 +227,7 @@ def run_stage(study: Study, stage: str, workdir: str) -> None:
             spec_stage, stage_engines, last_metrics))
       if step % int(config.eval_every_steps) == 0 or step == total:
         _evaluate(spec_stage, stage_engines, states, eval_arrays, step, tensorboard, console,
-                  _stage_metrics(spec_stage, stage_engines, last_metrics))
+                  _stage_metrics(spec_stage, stage_engines, last_metrics), teacher_eval, curves)
       if step % int(config.checkpoint_every_steps) == 0 or step == total:
         ckpt.save(step, states, metadata, force=step == total)
       if stopping:  # SIGTERM/SIGINT: save this step and leave
@@ -289,13 +317,22 @@ def _progress(stage, step, total, start_time, start_step, metrics) -> None:
 
 
 def _evaluate(stage, stage_engines, states, eval_arrays, step, tensorboard, console,
-              train_metrics) -> None:
-  """Eval of every replica (`eval_arrays`: {group key: the eval split on its mesh}), logged."""
+              train_metrics, teacher_eval=None, curves=None) -> None:
+  """Eval of every replica (`eval_arrays`: {group key: the eval split on its mesh}), logged; with
+  `teacher_eval` (students stage) also each student's CURVE_METRICS against its teacher."""
   batch_size = int(stage_engines[0].config.eval_batch_size)
-  per_group = [e.evaluate(states[e.group.key].variables(), eval_arrays[e.group.key], batch_size)
-               for e in stage_engines]
+  per_group = [_evaluate_group(e, states[e.group.key].variables(), eval_arrays[e.group.key],
+                               batch_size, teacher_eval) for e in stage_engines]
   results = {name: stage_values(stage, stage_engines, [r[name] for r in per_group])
              for name in ("accuracy", "loss")}
+  similarity = None
+  if teacher_eval is not None:
+    similarity = {m: np.zeros(len(stage.replicas)) for m in CURVE_METRICS}
+    for engine, r in zip(stage_engines, per_group):
+      for m in CURVE_METRICS:
+        similarity[m][list(engine.group.indices)] = r["curves"][m]
+    if curves is not None:
+      curves.record(step, similarity)
   arm_acc = _arm_means(stage, results["accuracy"])
   if console:  # "[STEP] STAGE/eval_accuracy/ARM=0.853088, ..." by arm, as clu's LoggingWriter
     logging.info("[%d] %s", step, ", ".join(f"{stage.name}/eval_accuracy/{arm}={v:.6g}"
@@ -309,8 +346,139 @@ def _evaluate(stage, stage_engines, states, eval_arrays, step, tensorboard, cons
     scalars[f"{tag}/eval_accuracy"] = float(results["accuracy"][i])
     scalars[f"{tag}/eval_loss"] = float(results["loss"][i])
     scalars[f"{tag}/train_loss"] = float(train_loss[i])
+    for m in CURVE_METRICS[1:] if similarity is not None else ():  # accuracy: eval_accuracy
+      scalars[f"{tag}/{m}"] = float(similarity[m][i])
   for arm, value in arm_acc.items():
     scalars[f"arm_{arm}/eval_accuracy"] = value
   for arm, value in _arm_means(stage, results["loss"]).items():
     scalars[f"arm_{arm}/eval_loss"] = value
+  for m in CURVE_METRICS[1:] if similarity is not None else ():
+    for arm, value in _arm_nanmeans(stage, similarity[m]).items():
+      scalars[f"arm_{arm}/{m}"] = value
   tensorboard.write_scalars(step, scalars)
+
+
+def _arm_nanmeans(stage, values: np.ndarray) -> dict[str, float]:
+  """Per-arm means over the replicas where the value is defined (NaN: no teacher error)."""
+  groups = collections.defaultdict(list)
+  for replica, v in zip(stage.replicas, values):
+    groups[replica.arm].append(v)
+  return {arm: float(np.nanmean(v)) if np.isfinite(v).any() else math.nan
+          for arm, v in groups.items()}
+
+
+def _evaluate_group(engine: Engine, variables, arrays, batch_size: int, teacher_eval) -> dict:
+  """`Engine.evaluate`'s per-replica accuracy and cross-entropy (the same sums over the same
+  padded batches), plus, with `teacher_eval`, "curves": {metric: [R_g]} of CURVE_METRICS of
+  each replica against its teacher, from the same logits (one forward pass per eval batch)."""
+  num = arrays["label"].shape[0]
+  indices, masks = data_lib.eval_indices(num, batch_size)
+  totals = np.zeros((3, engine.num_replicas))
+  state = None
+  if teacher_eval is not None:
+    compared = teacher_eval.compared[list(engine.group.indices)]
+  for b, (idx, mask) in enumerate(zip(indices, masks)):
+    batch = eval_batch_jit(arrays, engine.spec, idx, mask)
+    logits = engine.predict(variables, batch[engine.spec.input_key])
+    correct, ce, count = _eval_sums(logits, batch["label"], batch["mask"])
+    totals += np.stack([distributed.to_host(v) for v in (correct, ce, count)])
+    if teacher_eval is not None:
+      update = _curve_states(distributed.to_host(logits), teacher_eval.logits[b][compared],
+                             teacher_eval.labels[b], mask)
+      state = update if state is None else _merge_states(state, update)
+  out = {"accuracy": totals[0] / totals[2], "loss": totals[1] / totals[2]}
+  if state is not None:
+    out["curves"] = {m: np.asarray(v, np.float64) for m, v in _compute_states(state).items()}
+  return out
+
+
+@jax.jit
+def _curve_states(student_logits, teacher_logits, labels, mask):
+  """{metric: SimilarityMetrics state with a leading replica axis} of one eval batch, for
+  CURVE_METRICS (the other metrics' computations are dead code and compiled away).
+  student_logits, teacher_logits [R, B, ..., C]; labels [B, ...]; mask [B]."""
+  mask = jnp.broadcast_to(jnp.reshape(mask, mask.shape + (1,) * (labels.ndim - mask.ndim)),
+                          labels.shape)
+  states = jax.vmap(lambda s, t: metrics_lib.SimilarityMetrics.from_batch(s, t, labels, mask))(
+      student_logits, teacher_logits)
+  return {m: getattr(states, m) for m in CURVE_METRICS}
+
+
+@jax.jit
+def _merge_states(a, b):
+  return {m: a[m].merge(b[m]) for m in CURVE_METRICS}
+
+
+@jax.jit
+def _compute_states(state):
+  return {m: state[m].compute() for m in CURVE_METRICS}
+
+
+class TeacherEval:
+  """The teachers' logits on the eval split, computed once per students stage: `logits`, one
+  host array [T, B, ..., C] per padded eval batch (`data.eval_indices` at eval_batch_size);
+  `labels` per batch; `compared` [R], the teacher each student is compared with (its own; for
+  arms without one, teacher seed mod T, as the analysis)."""
+
+  def __init__(self, logits, labels, compared):
+    self.logits, self.labels, self.compared = logits, labels, compared
+
+
+def _teacher_finished(study: Study, workdir: str) -> bool:
+  directory = workdir_lib.join(stage_dir(workdir, "teacher"), "checkpoints")
+  step = checkpoint_lib.latest_finished_step(directory)
+  return step is not None and step >= study.teacher.total_steps
+
+
+def teacher_eval_logits(study: Study, teacher_engines, teacher_states) -> TeacherEval:
+  """Every teacher's logits on the eval split, per padded eval batch (see TeacherEval)."""
+  test = study.data["test"]
+  batch_size = int(study.config.eval_batch_size)
+  indices, masks = data_lib.eval_indices(len(test["label"]), batch_size)
+  num_teachers = len(study.teacher.replicas)
+  placed = {}
+  for engine in teacher_engines:
+    if engine.mesh not in placed:
+      placed[engine.mesh] = data_lib.to_device(test, engine.replicated)
+  logits, labels = [], []
+  for idx in indices:
+    out = None
+    for engine in teacher_engines:
+      batch = eval_batch_jit(placed[engine.mesh], engine.spec, idx, np.ones(len(idx), np.float32))
+      part = distributed.to_host(engine.predict(teacher_states[engine.group.key].variables(),
+                                                batch[engine.spec.input_key]))
+      if out is None:
+        out = np.empty((num_teachers,) + part.shape[1:], part.dtype)
+      out[list(engine.group.indices)] = part
+    logits.append(out)
+    labels.append(np.asarray(test["label"])[idx])
+  replicas = study.students.replicas
+  compared = np.array([r.teacher if r.teacher >= 0 else r.seed % num_teachers for r in replicas],
+                      np.int32)
+  return TeacherEval(logits, labels, compared)
+
+
+class Curves:
+  """WORKDIR/students/curves.json: {"metrics": CURVE_METRICS, "replicas": [{index, arm, seed}],
+  "points": [{"step": S, METRIC: [R values, null where undefined]}]}, rewritten whole at every
+  eval by process 0; on resume the points after the restored step are dropped."""
+
+  def __init__(self, path: str, stage, primary: bool, resumed_step: int):
+    self.path, self.primary = path, primary
+    self.replicas = [{"index": r.index, "arm": r.arm, "seed": r.seed} for r in stage.replicas]
+    self.points = []
+    if primary and resumed_step > 0 and workdir_lib.exists(path):
+      saved = workdir_lib.read_json(path)
+      if saved.get("replicas") == self.replicas and saved.get("metrics") == list(CURVE_METRICS):
+        self.points = [p for p in saved.get("points", []) if p["step"] <= resumed_step]
+
+  def record(self, step: int, values: dict) -> None:
+    if not self.primary:
+      return
+    point = {"step": int(step)}
+    for m in CURVE_METRICS:
+      point[m] = [float(v) if math.isfinite(v) else None for v in values[m]]
+    self.points = [p for p in self.points if p["step"] < step] + [point]
+    workdir_lib.write_text(self.path, json.dumps(
+        {"metrics": list(CURVE_METRICS), "replicas": self.replicas, "points": self.points},
+        allow_nan=False))

@@ -18,7 +18,9 @@ workdir copied from elsewhere, or in place on gs://) and writes WORKDIR/analysis
                    JSON: undefined values (a mean over no example, std of one value) are null.
   report.md        the study, teacher accuracy, a table per arm, the tests with verdicts, the
                    excluded replicas and the plots
-  plots/           confidence_scatter.png, agreement_split.png, metrics.png
+  plots/           confidence_scatter.png, agreement_split.png, metrics.png, and curves.png
+                   where the students stage recorded similarity over training
+                   (kdjax.analysis.curves; metrics.json "curves")
   replicas.csv, classes.csv  per-replica and per-class tables (kdjax.analysis.tables)
 
 Per student, the DESIGN.md metrics against its own teacher (kdjax.metrics.SimilarityMetrics,
@@ -49,6 +51,7 @@ import numpy as np
 from kdjax import distributed
 from kdjax import stats
 from kdjax import workdir as workdir_lib
+from kdjax.analysis import curves as curves_lib
 from kdjax.analysis import plots as plots_lib
 from kdjax.analysis import predictions as predictions_lib
 from kdjax.analysis import report as report_lib
@@ -234,6 +237,9 @@ def run(workdir: str, *, command: str | None = None) -> dict | None:
   results["classes"] = tables_lib.class_results(
       groups, preds.labels, preds.teacher_logits, preds.student_logits, preds.compared_teacher,
       study.dataset.num_classes)
+  saved_curves = curves_lib.read(workdir, replicas)
+  if saved_curves is not None:  # similarity over training (the students stage's curves.json)
+    results["curves"] = curves_lib.build(saved_curves, groups)
 
   out_dir = workdir_lib.join(workdir, "analysis")
   with workdir_lib.staged_dir(out_dir) as local_dir:  # published whole when the block ends
@@ -254,6 +260,8 @@ def run(workdir: str, *, command: str | None = None) -> dict | None:
                               preds.student_metrics, summaries, pair_means)
     plots_lib.metric_strips(os.path.join(plot_dir, "metrics.png"), groups, preds.student_metrics,
                             METRICS)
+    if "curves" in results:
+      curves_lib.plot(os.path.join(plot_dir, "curves.png"), results["curves"], groups)
     context = sections_lib.Context(
         workdir=workdir, study=study, preds=preds, groups=groups,
         student_diverged=student_diverged, teacher_diverged=teacher_diverged, plot_dir=plot_dir)

@@ -194,6 +194,15 @@ def render(*, command: str | None, study, results: dict, groups: Sequence[Group]
   out += ["## Plots", ""]
   for name, title, caption in PLOTS:
     out += [f"### {title}", "", f"![{title}](plots/{name})", "", caption, ""]
+  if "curves" in results:
+    steps = results["curves"]["steps"]
+    out += ["### Similarity over training", "", "![Similarity over training](plots/curves.png)",
+            "", f"Each student's accuracy, agreement with its teacher (all points, teacher-correct "
+            f"and teacher-incorrect points) and JS divergence on the eval split at "
+            f"{len(steps)} eval steps ({steps[0]} to {steps[-1]}): the mean over each arm's "
+            "students with the min-max band. When during training do the teacher's errors "
+            "transfer? Compare the teacher-incorrect panel's arms over steps (numbers: "
+            "`metrics.json` \"curves\").", ""]
   return "\n".join(out)
 
 
