@@ -33,6 +33,8 @@ setup(
         "scipy>=1.13",
         "matplotlib>=3.8",
         "scikit-learn>=1.5",
+        # MNIST-1D's procedural generator (kdjax.data.mnist1d; its download path is not used).
+        "mnist1d>=0.0.2",
     ],
     extras_require={
         # The GCS emulator and gcsfs: tests/test_object_store.py runs a study on a gs:// workdir.

@@ -254,6 +254,9 @@ def model_specs(names, kwargs, grid) -> tuple[ModelSpec, ...]:
   for name in (str(n).strip() for n in split_list("model", names)):
     for point in points:
       merged = {**dict(kwargs), **point}
+      # A sequence option (mlp's `hidden`) comes back from config.json as a list: a tuple keeps
+      # the spec hashable and its label the same before and after the round trip.
+      merged = {k: tuple(v) if isinstance(v, list) else v for k, v in merged.items()}
       specs.append(ModelSpec(name, tuple(sorted(merged.items()))))
   return tuple(dict.fromkeys(specs))
 

@@ -82,6 +82,56 @@ def test_digits_loads_as_numpy_without_tfds(tmp_path, monkeypatch, no_network):
     data.load("digits", "validation")
 
 
+# ----------------------------------------------------------------------------------- mnist1d
+
+
+def _mnist1d_reference() -> dict[str, dict[str, np.ndarray]]:
+  """Independent reference: the mnist1d package's own generator at its default arguments."""
+  from mnist1d.data import get_dataset_args, make_dataset
+  d = make_dataset(get_dataset_args())
+  return {"train": {"vector": d["x"], "label": d["y"]},
+          "test": {"vector": d["x_test"], "label": d["y_test"]}}
+
+
+def test_mnist1d_is_the_packages_generator_offline(tmp_path, monkeypatch, no_network):
+  monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
+  np.random.seed(123)
+  before = np.random.get_state()[1].copy()
+  train, test = data.load("mnist1d", "train"), data.load("mnist1d", "test")
+  np.testing.assert_array_equal(np.random.get_state()[1], before)  # global stream untouched
+  assert list(tmp_path.iterdir()) == []  # no TFDS, no download, no pickle written
+  assert train["vector"].shape == (4000, 40) and test["vector"].shape == (1000, 40)
+  assert train["vector"].dtype == np.float32 and train["label"].dtype == np.int32
+  ref = _mnist1d_reference()
+  for split, got in (("train", train), ("test", test)):
+    np.testing.assert_array_equal(got["vector"], ref[split]["vector"].astype(np.float32))
+    np.testing.assert_array_equal(got["label"], ref[split]["label"])
+  # The paper's dataset: 10 balanced classes (500 each over 5,000), unit-std signals.
+  np.testing.assert_array_equal(np.bincount(np.concatenate([train["label"], test["label"]])),
+                                [500] * 10)
+  x = np.concatenate([train["vector"], test["vector"]]).astype(np.float64)
+  assert abs(x.mean()) < 1e-6 and abs(x.std() - 1) < 1e-6
+  spec = data.spec("mnist1d")
+  assert (spec.num_classes, spec.modality, spec.input_key, spec.input_shape) == (
+      10, "vector", "vector", (40,))
+  with pytest.raises(ValueError, match="split must be one of 'train', 'test'"):
+    data.load("mnist1d", "validation")
+
+
+@needs_tfds
+def test_mnist1d_tfds_builder_prepares_offline_the_same_arrays(tmp_path, no_network):
+  from kdjax.data import builders
+  _prepare_offline(builders.Mnist1d(data_dir=str(tmp_path)))
+  registered = tfds.builder("mnist1d", data_dir=str(tmp_path))
+  assert isinstance(registered, builders.Mnist1d)
+  ref = _mnist1d_reference()
+  for split in ("train", "test"):
+    got = _builder_arrays(registered, split)
+    assert set(got) == {"vector", "label"} and got["vector"].dtype == np.float32
+    np.testing.assert_array_equal(got["vector"], ref[split]["vector"].astype(np.float32))
+    np.testing.assert_array_equal(got["label"], ref[split]["label"])
+
+
 def _prepare_offline(builder):
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(try_download_gcs=False))

@@ -50,7 +50,21 @@ def test_every_smoke_variant_resolves(arg):
     assert arms == {"kd", "rcd", "siddo"}
 
 
-@pytest.mark.parametrize("arg", ["cifar100", "smoke,depth", "tiny_shakespeare,heavy_aug"])
+@pytest.mark.parametrize("arg", ["mnist1d", "mnist1d,width", "mnist1d,temperature"])
+def test_mnist1d_study_resolves_offline(arg):
+  """MNIST-1D: the paper's MLP (hidden 100, 100) on 40-sample vectors, 20 seeds per arm (at least
+  9 pairs for a Holm-corrected Wilcoxon verdict over 10 metrics: 2 / 2^9 x 10 < 0.05)."""
+  study = study_lib.resolve(study_lib.load_config(str(CONFIG), arg))
+  assert study.dataset.name == "mnist1d" and study.dataset.input_shape == (40,)
+  assert study.num_train == 4000 and study.num_eval == 1000
+  assert all(dict(g.model.kwargs).get("hidden") == (100, 100) for g in study.teacher.groups)
+  if arg == "mnist1d":
+    assert {r.arm for r in study.students.replicas} == {"kd", "rcd", "siddo"}
+    assert len(study.students.replicas) == 3 * 20 and 2 / 2 ** 20 * 10 < 0.05
+
+
+@pytest.mark.parametrize("arg", ["cifar100", "smoke,depth", "tiny_shakespeare,heavy_aug",
+                                 "mnist1d,heavy_aug"])
 def test_bad_arguments_name_what_is_allowed(arg):
   with pytest.raises(ValueError, match="DATASET|image data"):
     study_lib.load_config(str(CONFIG), arg)

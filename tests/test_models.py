@@ -85,7 +85,7 @@ def _count(tree) -> int:
 
 def test_available_lists_the_design_names():
   design = ("resnet8 resnet20 resnet32 resnet56 resnet110 resnet8x4 resnet32x4 resnet18 resnet34 "
-            "resnet50 wrn_16_2 wrn_40_1 wrn_40_2 vgg8 vgg13 mobilenet_v2 cnn mlp linear "
+            "resnet50 wrn_16_2 wrn_40_1 wrn_40_2 vgg8 vgg13 mobilenet_v2 cnn cnn1d mlp linear "
             "char_transformer audio_m5").split()
   assert models.available() == sorted(design)
 
@@ -264,6 +264,7 @@ SHAPE_CASES = {
     "vgg13": (100, (2, 32, 32, 3), "float32", {}, (2, 4, 4, 512), True),
     "mobilenet_v2": (100, (2, 32, 32, 3), "float32", {}, (2, 2, 2, 1280), True),
     "cnn": (10, (2, 8, 8, 1), "float32", {}, (2, 4, 4, 64), False),
+    "cnn1d": (10, (2, 40), "float32", {}, None, False),
     "mlp": (10, (2, 8, 8, 1), "float32", {}, None, False),
     "linear": (10, (2, 8, 8, 1), "float32", {}, None, False),
     "char_transformer": (65, (2, 32), "int32", {}, None, False),
@@ -488,6 +489,35 @@ def test_cnn_matches_numpy():
                              rtol=1e-4, atol=1e-5)
 
 
+def test_cnn1d_matches_numpy_and_the_papers_sizes():
+  """MNIST-1D's ConvBase in numpy: Conv1d(k, stride 2, padding 1) + ReLU x3, flatten, linear."""
+  model = models.get("cnn1d", num_classes=10)
+  x = _data(7, (3, 40))
+  variables = _init(model, x)
+  p = jax.tree.map(np.asarray, variables["params"])
+  h = x[..., None].astype(np.float64)
+  lengths = []
+  for name in ("stem", "block1", "block2"):
+    kernel, bias = p[f"{name}_conv"]["kernel"], p[f"{name}_conv"]["bias"]  # [k, Cin, Cout]
+    k = kernel.shape[0]
+    hp = np.pad(h, ((0, 0), (1, 1), (0, 0)))
+    out_len = (h.shape[1] + 2 - k) // 2 + 1  # PyTorch's Conv1d length formula
+    h = np.stack([np.einsum("bkc,kcd->bd", hp[:, 2 * t:2 * t + k], kernel) + bias
+                  for t in range(out_len)], axis=1)
+    h = np.maximum(h, 0)
+    lengths.append(out_len)
+  assert lengths == [19, 10, 5]
+  expected = h.reshape(3, -1) @ p["head"]["kernel"] + p["head"]["bias"]
+  assert p["head"]["kernel"].shape == (125, 10)  # the paper's linear_in = 125
+  np.testing.assert_allclose(_run(model, variables, x, train=False), expected,
+                             rtol=1e-4, atol=1e-5)
+  # [B, L, 1] gives the same logits as [B, L].
+  np.testing.assert_allclose(_run(model, variables, x[..., None], train=False), expected,
+                             rtol=1e-4, atol=1e-5)
+  # Parameters of ConvBase(channels=25): 25*5+25 + 2*(25*25*3+25) + 125*10+10.
+  assert models.num_params(model, x) == 150 + 2 * 1900 + 1260
+
+
 def test_mlp_matches_numpy():
   model = models.get("mlp", num_classes=4, hidden=(7, 5), width=2.0)
   x = _data(6, (3, 2, 3))
@@ -578,6 +608,7 @@ def _ce(logits, labels):
 
 TRAIN_CASES = {
     "cnn": (dict(), (8, 8, 8, 1), "float32", 5),
+    "cnn1d": (dict(channels=6), (8, 40), "float32", 5),
     "resnet8": (dict(width=RESNET8["width"]), RESNET8_X, "float32", RESNET8["num_classes"]),
     "mlp": (dict(hidden=MLP["hidden"], dropout=MLP["dropout"]), (8, 10), "float32", 5),
     "linear": (dict(), (8, 2, 5), "float32", 5),

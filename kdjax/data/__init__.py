@@ -4,8 +4,8 @@
   spec = kdjax.data.spec("digits")              # DatasetSpec: classes, shapes, normalisation
   kdjax.data.available()                        # the names `load` understands
 
-Names (see `available()`): kdjax's built-in offline datasets `digits` and
-`synthetic[:key=value,...]` and bring-your-own `npz:PATH`, all loaded as numpy arrays without
+Names (see `available()`): kdjax's built-in offline datasets `digits`, `mnist1d`
+(MNIST-1D from the mnist1d package's generator) and `synthetic[:key=value,...]` and bring-your-own `npz:PATH`, all loaded as numpy arrays without
 TensorFlow; TFDS names (cifar10, cifar100, svhn_cropped, mnist, fashion_mnist, speech_commands,
 tiny_shakespeare, imdb_reviews, ag_news_subset), `tiny_imagenet` (from a `tiny-imagenet-200/`
 directory) and `image_folder:PATH`, read through TensorFlow Datasets. TFDS data live in
@@ -14,8 +14,8 @@ is not prepared raises DatasetNotAvailableError with the command that prepares i
 where tensorflow / tensorflow_datasets are not installed raises it saying what to install.
 
 Importing this package is cheap, and TensorFlow/TFDS are imported only when a TFDS name is loaded
-(`kdjax.data.builders` holds the TFDS builders of digits, synthetic and tiny_imagenet; importing
-it registers them with TFDS). The pipeline functions (pure JAX, see kdjax.data.pipeline) are
+(`kdjax.data.builders` holds the TFDS builders of digits, mnist1d, synthetic and tiny_imagenet;
+importing it registers them with TFDS). The pipeline functions (pure JAX, see kdjax.data.pipeline) are
 re-exported here; a training loop:
 
   arrays = kdjax.data.to_device(kdjax.data.load(name, "train"))      # once

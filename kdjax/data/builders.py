@@ -1,11 +1,12 @@
-"""kdjax's TFDS builders: `digits`, `synthetic` and `tiny_imagenet`. Imports TensorFlow Datasets.
+"""kdjax's TFDS builders: `digits`, `mnist1d`, `synthetic` and `tiny_imagenet`. Imports TensorFlow Datasets.
 
-kdjax.data imports this module only on a TFDS path (`tiny_imagenet`); `digits` and `synthetic`
-load straight from `kdjax.data.digits.arrays` / `kdjax.data.synthetic.generate` without it. Import
+kdjax.data imports this module only on a TFDS path (`tiny_imagenet`); `digits`, `mnist1d` and
+`synthetic` load straight from `kdjax.data.digits.arrays` / `kdjax.data.mnist1d.arrays` /
+`kdjax.data.synthetic.generate` without it. Import
 it to register the builders with TFDS, e.g. to prepare them or read them as tf.data:
 
   import tensorflow_datasets as tfds
-  import kdjax.data.builders  # registers digits, synthetic, tiny_imagenet
+  import kdjax.data.builders  # registers digits, mnist1d, synthetic, tiny_imagenet
   ds = tfds.load("digits", split="test", data_dir=DIR)
   builder = kdjax.data.builders.Synthetic(data_dir=DIR, config=kdjax.data.builders.config_for(
       kdjax.data.synthetic.parse("classes=6,dim=12")))
@@ -22,7 +23,7 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
-from kdjax.data import digits, synthetic
+from kdjax.data import digits, mnist1d, synthetic
 from kdjax.data.sources import TINY_IMAGENET_DIR
 
 # TFDS 4.9.10 finds a builder's source through `importlib_resources`, which it does not declare
@@ -59,6 +60,37 @@ class Digits(tfds.core.GeneratorBasedBuilder):
     data = digits.arrays(split)
     for i, (image, label) in enumerate(zip(data["image"], data["label"])):
       yield i, {"image": image, "label": int(label)}
+
+
+class Mnist1d(tfds.core.GeneratorBasedBuilder):
+  """MNIST-1D (Greydanus and Kobak, ICML 2024) from the mnist1d package's generator at the paper's
+  default arguments (see kdjax.data.mnist1d); nothing is downloaded."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "mnist1d make_dataset(get_dataset_args()): seed 42, 4000/1000."}
+  code_path = _CODE_PATH
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description="MNIST-1D: 10 classes of procedurally generated 40-sample 1-D signals.",
+        features=tfds.features.FeaturesDict({
+            "vector": tfds.features.Tensor(shape=(mnist1d.LENGTH,), dtype=np.float32),
+            "label": tfds.features.ClassLabel(num_classes=mnist1d.NUM_CLASSES),
+        }),
+        supervised_keys=("vector", "label"),
+        homepage="https://github.com/greydanus/mnist1d",
+        disable_shuffling=True,  # the generator's order, as `mnist1d.arrays(split)`
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # Generated locally (the package's get_dataset download is not used).
+    return {"train": self._generate_examples("train"), "test": self._generate_examples("test")}
+
+  def _generate_examples(self, split):
+    data = mnist1d.arrays(split)
+    for i, (vector, label) in enumerate(zip(data["vector"], data["label"])):
+      yield i, {"vector": vector, "label": int(label)}
 
 
 @dataclasses.dataclass(eq=False)

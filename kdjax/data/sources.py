@@ -1,7 +1,7 @@
 """Dataset names -> in-memory numpy arrays; never downloads.
 
-Which names need TensorFlow: `digits` and `synthetic[:...]` load straight from kdjax.data.digits /
-kdjax.data.synthetic and `npz:` with numpy, none of them importing TensorFlow. TFDS catalogue
+Which names need TensorFlow: `digits`, `mnist1d` and `synthetic[:...]` load straight from
+kdjax.data.digits / kdjax.data.mnist1d / kdjax.data.synthetic and `npz:` with numpy, none of them importing TensorFlow. TFDS catalogue
 names, `tiny_imagenet` and `image_folder:` read through TensorFlow Datasets, imported on their
 first use; where tensorflow or tensorflow_datasets is not installed they raise
 DatasetNotAvailableError saying what to install (`TFDS_INSTALL`).
@@ -14,6 +14,8 @@ Per-dataset conversions (all documented choices):
     `image` uint8 [N, H, W, C] as stored; cifar100 also keeps `coarse_label` (20 superclasses).
   speech_commands: int16 waveforms -> `audio` float32 = int16 / 32768 in [-1, 1), zero-padded at
     the end or cut to the first 16000 samples (1 s at 16 kHz), shape [N, 16000, 1]; 12 classes.
+  mnist1d: `vector` float32 [N, 40] as the mnist1d package's generator makes it (default
+    arguments, seed 42; see kdjax.data.mnist1d), used as loaded; 10 classes.
   tiny_shakespeare[:length=L] (default L = 128): character-level language modelling. Token ids
     over the fixed vocabulary SHAKESPEARE_CHARS, the 65 characters of the tiny-shakespeare file
     (whose contiguous slices are the TFDS train/validation/test splits), sorted: id = 1 + position
@@ -49,7 +51,7 @@ from etils import epath
 import numpy as np
 
 from kdjax import _checks
-from kdjax.data import DatasetNotAvailableError, DatasetSpec, digits, synthetic
+from kdjax.data import DatasetNotAvailableError, DatasetSpec, digits, mnist1d, synthetic
 
 SHAKESPEARE_CHARS = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 AUDIO_SAMPLES = 16000
@@ -77,6 +79,7 @@ _SPECS = {
                                  (0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262), True, 8),
     "digits": DatasetSpec("digits", digits.NUM_CLASSES, "image", "image", digits.IMAGE_SHAPE,
                           digits.MEAN, digits.STD, False, 1),
+    "mnist1d": DatasetSpec("mnist1d", mnist1d.NUM_CLASSES, "vector", "vector", (mnist1d.LENGTH,)),
     "speech_commands": DatasetSpec("speech_commands", 12, "audio", "audio", (AUDIO_SAMPLES, 1),
                                    splits=("train", "validation", "test")),
 }
@@ -166,6 +169,9 @@ def load(name: str, split: str, *, data_dir: str | None = None) -> dict[str, np.
   elif base == "digits":
     _checks.check_choice("split", split, ("train", "test"))
     out = digits.arrays(split)
+  elif base == "mnist1d":
+    _checks.check_choice("split", split, ("train", "test"))
+    out = mnist1d.arrays(split)
   elif base == "synthetic":
     params = synthetic.parse(arg)
     out = synthetic.generate(params, split)

@@ -39,7 +39,7 @@ from kdjax.models.char_transformer import CharTransformer
 from kdjax.models.mobilenet_v2 import MobileNetV2
 from kdjax.models.resnet import ResNet
 from kdjax.models.resnet_cifar import FILTERS, FILTERS_X4, CifarResNet
-from kdjax.models.simple import CNN, MLP, Linear
+from kdjax.models.simple import CNN, CNN1D, MLP, Linear
 from kdjax.models.vgg import VGG, VGG8, VGG13
 from kdjax.models.wide_resnet import NAME_PATTERN as _WRN_PATTERN
 from kdjax.models.wide_resnet import WideResNet
@@ -47,7 +47,7 @@ from kdjax.models.wide_resnet import WideResNet
 __all__ = [
     "get", "available", "apply_with_features", "class_activation_map", "cam_from_features",
     "feature_names", "num_params", "FEATURES",
-    "CifarResNet", "ResNet", "WideResNet", "VGG", "MobileNetV2", "CNN", "MLP", "Linear",
+    "CifarResNet", "ResNet", "WideResNet", "VGG", "MobileNetV2", "CNN", "CNN1D", "MLP", "Linear",
     "CharTransformer", "M5",
 ]
 
@@ -65,6 +65,7 @@ _REGISTRY: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     "vgg13": (VGG, dict(blocks=VGG13)),
     "mobilenet_v2": (MobileNetV2, {}),
     "cnn": (CNN, {}),
+    "cnn1d": (CNN1D, {}),
     "mlp": (MLP, {}),
     "linear": (Linear, {}),
     "char_transformer": (CharTransformer, {}),

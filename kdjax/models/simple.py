@@ -1,4 +1,5 @@
-"""Small models: `cnn` (digits, smoke tests), `mlp` and `linear` (the linear-model theory).
+"""Small models: `cnn` (digits, smoke tests), `cnn1d` (1-D signals, MNIST-1D), `mlp` and `linear`
+(the linear-model theory).
 
 `linear` is the model of the linear-model analysis of Nagarajan et al., "On student-teacher
 deviations in distillation: does it pay to disobey?" (arXiv 2301.12923): logits = x W (+ b) on
@@ -108,3 +109,39 @@ class Linear(nn.Module):
     _common.sow_feature(self, "pre_logits", x)
     return _common.logits_f32(nn.Dense(self.num_classes, use_bias=self.use_bias, dtype=self.dtype,
                                        name="head")(x))
+
+
+class CNN1D(nn.Module):
+  """The 1-D CNN of MNIST-1D (Greydanus and Kobak, ICML 2024; the `ConvBase` of their code).
+
+  Three Conv1D + ReLU layers of floor(`channels` * width) channels (kernel 5, 3, 3; stride 2;
+  padding 1 on each side), the map flattened, a Dense `head`. On 40-sample signals the map is
+  40 -> 19 -> 10 -> 5 long, so the head sees 5 x 25 = 125 features, as in the paper's model.
+  Input [B, L] (a signal, e.g. the `vector` of mnist1d) or [B, L, C]; output [B, num_classes]
+  float32. No BatchNorm or dropout. Sown features: 'stem', 'block1', 'block2' (the conv
+  outputs), 'pre_logits' (the flattened map). No 'cam': the head reads positions, not a pool.
+  """
+  num_classes: int
+  channels: int = 25
+  width: float = 1.0
+  dtype: Dtype = jnp.float32
+
+  def __post_init__(self):
+    _common.check_num_classes(self.num_classes)
+    _common.check_width(self.width)
+    _common.check_positive_int("channels", self.channels)
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    del train
+    if x.ndim == 2:
+      x = x[..., None]
+    for kernel, name in zip((5, 3, 3), ("stem", "block1", "block2")):
+      x = nn.Conv(_common.scale_channels(self.channels, self.width), (kernel,), strides=2,
+                  padding=((1, 1),), dtype=self.dtype, name=f"{name}_conv")(x)
+      x = nn.relu(x)
+      _common.sow_feature(self, name, x)
+    x = _flatten(x)
+    _common.sow_feature(self, "pre_logits", x)
+    return _common.logits_f32(_common.head(self.num_classes, self.dtype)(x))
