@@ -63,6 +63,19 @@ def test_mnist1d_study_resolves_offline(arg):
     assert len(study.students.replicas) == 3 * 20 and 2 / 2 ** 20 * 10 < 0.05
 
 
+def test_sequence_model_kwargs_survive_the_config_json_round_trip():
+  """config.json turns mlp's hidden=(100, 100) into a list; the analysis resolves it from there
+  and must find the same models (hashable specs, the same labels) as the training did."""
+  import json
+  import ml_collections
+  config = study_lib.load_config(str(CONFIG), "mnist1d")
+  reloaded = ml_collections.ConfigDict(json.loads(config.to_json_best_effort()))
+  assert reloaded.model_kwargs.hidden == [100, 100]
+  before, after = study_lib.resolve(config), study_lib.resolve(reloaded)
+  assert [g.model for g in after.students.groups] == [g.model for g in before.students.groups]
+  assert after.students.groups[0].model.label == "mlp(hidden=(100, 100))"
+
+
 @pytest.mark.parametrize("arg", ["cifar100", "smoke,depth", "tiny_shakespeare,heavy_aug",
                                  "mnist1d,heavy_aug"])
 def test_bad_arguments_name_what_is_allowed(arg):
