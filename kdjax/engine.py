@@ -607,17 +607,22 @@ class Engine:
     epoch = int(state.step) // spe
     return epoch, self.epoch_order(state.keys["data"], epoch, num_examples)
 
-  def evaluate(self, variables, eval_arrays: Mapping[str, jax.Array], batch_size: int):
+  def evaluate(self, variables, eval_arrays: Mapping[str, jax.Array], batch_size: int,
+               on_logits: Callable | None = None):
     """Per-replica eval accuracy and cross-entropy over the whole eval split (each example
-    exactly once; padded last batch masked)."""
+    exactly once; padded last batch masked). `on_logits(index, logits, mask)`, if given, also
+    sees every eval batch's logits [R, B, ...] and its mask (kdjax.train's similarity curves):
+    one forward pass serves both."""
     num = eval_arrays["label"].shape[0]
     indices, masks = data_lib.eval_indices(num, batch_size)
     totals = np.zeros((3, self.num_replicas))
-    for idx, mask in zip(indices, masks):
+    for index, (idx, mask) in enumerate(zip(indices, masks)):
       batch = eval_batch_jit(eval_arrays, self.spec, idx, mask)
       logits = self.predict(variables, batch[self.spec.input_key])
       correct, ce, count = _eval_sums(logits, batch["label"], batch["mask"])
       totals += np.stack([distributed.to_host(v) for v in (correct, ce, count)])
+      if on_logits is not None:
+        on_logits(index, logits, mask)
     return {"accuracy": totals[0] / totals[2], "loss": totals[1] / totals[2]}
 
 

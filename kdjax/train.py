@@ -37,7 +37,7 @@ from kdjax import losses
 from kdjax import metrics as metrics_lib
 from kdjax import preemption
 from kdjax import workdir as workdir_lib
-from kdjax.engine import Engine, Teachers, _eval_sums, eval_batch_jit
+from kdjax.engine import Engine, Teachers, eval_batch_jit
 from kdjax.study import Study
 
 
@@ -368,27 +368,21 @@ def _arm_nanmeans(stage, values: np.ndarray) -> dict[str, float]:
 
 
 def _evaluate_group(engine: Engine, variables, arrays, batch_size: int, teacher_eval) -> dict:
-  """`Engine.evaluate`'s per-replica accuracy and cross-entropy (the same sums over the same
-  padded batches), plus, with `teacher_eval`, "curves": {metric: [R_g]} of CURVE_METRICS of
-  each replica against its teacher, from the same logits (one forward pass per eval batch)."""
-  num = arrays["label"].shape[0]
-  indices, masks = data_lib.eval_indices(num, batch_size)
-  totals = np.zeros((3, engine.num_replicas))
-  state = None
-  if teacher_eval is not None:
-    compared = teacher_eval.compared[list(engine.group.indices)]
-  for b, (idx, mask) in enumerate(zip(indices, masks)):
-    batch = eval_batch_jit(arrays, engine.spec, idx, mask)
-    logits = engine.predict(variables, batch[engine.spec.input_key])
-    correct, ce, count = _eval_sums(logits, batch["label"], batch["mask"])
-    totals += np.stack([distributed.to_host(v) for v in (correct, ce, count)])
-    if teacher_eval is not None:
-      update = _curve_states(distributed.to_host(logits), teacher_eval.logits[b][compared],
-                             teacher_eval.labels[b], mask)
-      state = update if state is None else _merge_states(state, update)
-  out = {"accuracy": totals[0] / totals[2], "loss": totals[1] / totals[2]}
-  if state is not None:
-    out["curves"] = {m: np.asarray(v, np.float64) for m, v in _compute_states(state).items()}
+  """`Engine.evaluate`'s per-replica accuracy and cross-entropy, plus, with `teacher_eval`,
+  "curves": {metric: [R_g]} of CURVE_METRICS of each replica against its teacher, from the same
+  logits (one forward pass per eval batch)."""
+  if teacher_eval is None:
+    return engine.evaluate(variables, arrays, batch_size)
+  compared = teacher_eval.compared[list(engine.group.indices)]
+  states = []
+
+  def add_batch(index, logits, mask):
+    update = _curve_states(distributed.to_host(logits), teacher_eval.logits[index][compared],
+                           teacher_eval.labels[index], mask)
+    states[:] = [update if not states else _merge_states(states[0], update)]
+
+  out = engine.evaluate(variables, arrays, batch_size, on_logits=add_batch)
+  out["curves"] = {m: np.asarray(v, np.float64) for m, v in _compute_states(states[0]).items()}
   return out
 
 
