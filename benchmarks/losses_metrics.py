@@ -5,7 +5,7 @@
 For each (R, C) it times, after warm-up, one jitted call that evaluates for R replicas at once
   * `kd`:      value and gradient of the mean KD loss (per-replica alpha and temperature),
   * `dkd`:     value and gradient of the mean DKD loss,
-  * `metrics`: `SimilarityMetrics.from_batch` (all DESIGN.md metrics of one eval batch),
+  * `metrics`: `SimilarityMetrics.from_batch` (all docs/design.md metrics of one eval batch),
 and prints microseconds per call and examples (R x batch) per second, vmapped vs a Python loop of
 single-replica jitted calls.
 """

@@ -5,7 +5,7 @@ Conventions (all functions):
   * class axis last, any leading axes (batch, replica);
   * per-example functions return `logits.shape[:-1]`, no reduction; the functions documented as
     "dataset scalars" reduce over all leading axes themselves, with an optional `mask`;
-  * softmax at T = 1, natural logs (nats), as in DESIGN.md "Metric definitions";
+  * softmax at T = 1, natural logs (nats), as in docs/design.md "Public contracts";
   * `mask`: an array of shape `logits.shape[:-1]`; nonzero entries count, zero entries (padding
     of an eval batch) are ignored even when their logits/labels are garbage (NaN, inf, -1);
   * Python-number arguments (`k`, `num_classes`, `num_bins`, `quantile`, ...) are validated
@@ -18,7 +18,7 @@ Notation: s = student logits, t = teacher logits, y = label, C = number of class
 p = softmax(a), q = softmax(b), KL(p || q) = sum_k p_k (log p_k - log q_k).
 
 Streaming: `SimilarityMetrics.from_batch(s, t, y, mask)` (jit/vmap-able) per padded eval batch,
-`.merge(...)` across batches, `.compute()` -> the DESIGN.md dataset metrics as Python floats.
+`.merge(...)` across batches, `.compute()` -> the docs/design.md dataset metrics as Python floats.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from kdjax import losses
 
 Array = jax.Array
 
-# The number of confidence bins of DESIGN.md's `ece` (Guo et al. 2017 use 15).
+# The number of confidence bins of `ece` (docs/design.md) (Guo et al. 2017 use 15).
 ECE_NUM_BINS = 15
 
 
@@ -443,7 +443,7 @@ def mutual_information(a_pred, b_pred, num_classes: int, *, mask=None) -> Array:
 
     MI(A; B) = sum_ij P_ij log(P_ij / (P_i. P_.j)),   P_ij = #{n : a_n = i, b_n = j} / N.
 
-  arXiv 2405.00739 relates student-teacher MI of predictions to generalisation; DESIGN.md's
+  arXiv 2405.00739 relates student-teacher MI of predictions to generalisation; docs/design.md's
   `mutual_information` is MI(argmax s; argmax t). Equals sklearn.metrics.mutual_info_score.
   MI = log C for identical uniform predictions over C classes and 0 for independent ones.
   """
@@ -616,13 +616,13 @@ def _teacher_incorrect(s, t, y) -> Array:
 
 @flax.struct.dataclass
 class SimilarityMetrics:
-  """Streaming accumulator of DESIGN.md's student-vs-teacher metrics over an eval set.
+  """Streaming accumulator of the student-vs-teacher metrics of docs/design.md over an eval set.
 
   Per padded batch: `update = SimilarityMetrics.from_batch(s, t, y, mask)` (jit- and
   vmap-able; the state is pure arrays: sums and counts, never per-example values); across batches
   `acc = acc.merge(update)` (outside jit, or inside with a fixed state shape; start from the
   first update or from `SimilarityMetrics.empty()`); finally `acc.compute()` -> dict of Python
-  floats with exactly the DESIGN.md names:
+  floats with exactly the names of docs/design.md:
 
     accuracy, agreement, agree_when_teacher_correct, agree_when_teacher_incorrect,
     js_divergence, activation_distance, kl_divergence (KL(p_t || p_s)), rank_disagreement,

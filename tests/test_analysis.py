@@ -1,7 +1,7 @@
 """Tests of the analysis stage (kdjax.analysis) on a tiny study trained once per module.
 
 metrics.json is checked against an independent numpy recomputation from predictions.npz (the
-DESIGN.md definitions written again below), the arm summaries against numpy/scipy, the tests
+docs/design.md definitions written again below), the arm summaries against numpy/scipy, the tests
 against scipy.stats.mannwhitneyu and a hand-written Holm; the report, the plots and the
 re-run reproducibility against the issue's requirements.
 """
@@ -50,7 +50,7 @@ METRICS = ("accuracy", "agreement", "agree_when_teacher_correct", "agree_when_te
            "mutual_information", "ece")
 NPZ_KEYS = {"labels", "teacher_logits", "student_logits", "replica_arm", "replica_seed",
             "replica_teacher", "replica_alpha", "replica_temperature",
-            # beyond DESIGN.md: the model of each student and teacher (several in one study)
+            # beyond docs/design.md: the model of each student and teacher (several in one study)
             "replica_model", "teacher_model"}
 OUTPUTS = ("metrics.json", "report.md", "replicas.csv", "classes.csv",
            "plots/confidence_scatter.png",
@@ -95,7 +95,7 @@ def study(tmp_path_factory, compilation_cache):
 
 
 # ------------------------------------------------------------------------------------------------
-# Independent numpy references, from the DESIGN.md metric definitions (float64).
+# Independent numpy references, from the docs/design.md metric definitions (float64).
 
 
 def np_log_softmax(z):
@@ -110,7 +110,7 @@ def np_kl(log_p, log_q):
 
 
 def np_similarity(s, t, y):
-  """The ten DESIGN.md metrics of student logits s [N, C] vs teacher logits t [N, C]."""
+  """The ten docs/design.md metrics of student logits s [N, C] vs teacher logits t [N, C]."""
   log_ps, log_pt = np_log_softmax(s), np_log_softmax(t)
   ps, pt = np.exp(log_ps), np.exp(log_pt)
   a_s, a_t = s.argmax(-1), t.argmax(-1)

@@ -1,6 +1,6 @@
 """Tests of `python -m kdjax.main` on bad input.
 
-The contract (DESIGN.md, "Public contracts"): invalid input gets exactly one non-empty line on
+The contract (docs/design.md, "Public contracts"): invalid input gets exactly one non-empty line on
 stderr naming the key and what is allowed, exit code 2, and nothing written. Every case runs
 the real command in a subprocess (tests/_cli.py); the cases run concurrently (each pays the
 Python/JAX/TF imports, about 2-10 s). Runs interrupted, resumed or refused for a busy workdir are

@@ -2,7 +2,7 @@
 scalars, metrics.json's `curves` and plots/curves.png.
 
 References: the analysis' own final metrics (same final checkpoint), a numpy recomputation from
-predictions.npz (float64, the DESIGN.md definitions), numpy means/min/max of the recorded
+predictions.npz (float64, the docs/design.md definitions), numpy means/min/max of the recorded
 values, and an uninterrupted run for the resumed one."""
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ LARGE = 1e4
 
 
 # ------------------------------------------------------------------------------------------------
-# Numpy references (float64), written from the definitions in DESIGN.md.
+# Numpy references (float64), written from the definitions in docs/design.md.
 
 
 def np_softmax(z):
@@ -66,7 +66,7 @@ def np_ece(logits, labels, num_bins=15):
 
 
 def np_similarity(s, t, y):
-  """Every DESIGN.md dataset metric of one student against its teacher, from scratch."""
+  """Every docs/design.md dataset metric of one student against its teacher, from scratch."""
   ps, pt = np_softmax(s), np_softmax(t)
   a_s, a_t = ps.argmax(-1), pt.argmax(-1)
   agree = a_s == a_t

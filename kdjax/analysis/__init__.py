@@ -9,7 +9,7 @@ workdir copied from elsewhere, or in place on gs://) and writes WORKDIR/analysis
   predictions.npz  labels [N]; teacher_logits [T, N, C]; student_logits [R, N, C]; replica_arm,
                    replica_seed, replica_teacher (the teacher it is compared with),
                    replica_alpha, replica_temperature [R]   (label axes beyond N carry over)
-  metrics.json     {"teachers", "replicas", "arms", "tests"} as DESIGN.md specifies, plus
+  metrics.json     {"teachers", "replicas", "arms", "tests"} as docs/design.md specifies, plus
                    "groups" (which replicas each arm entry summarises, which were excluded),
                    "protocol" (the test, correction and interval used) and, with several
                    teachers, "teacher_agreement" (pairwise teacher-teacher similarity), and
@@ -23,7 +23,7 @@ workdir copied from elsewhere, or in place on gs://) and writes WORKDIR/analysis
                    (kdjax.analysis.curves; metrics.json "curves")
   replicas.csv, classes.csv  per-replica and per-class tables (kdjax.analysis.tables)
 
-Per student, the DESIGN.md metrics against its own teacher (kdjax.metrics.SimilarityMetrics,
+Per student, the metrics of docs/design.md against its own teacher (kdjax.metrics.SimilarityMetrics,
 streamed over padded eval batches); per arm, kdjax.stats summaries; the reference arm (kd) vs
 every other arm, two-sided Mann-Whitney U per metric with Holm correction across the metrics of
 each comparison (arXiv 2510.12615; see kdjax.analysis.statistics). Re-running writes the same

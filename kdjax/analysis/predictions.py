@@ -35,7 +35,7 @@ from kdjax import study as study_lib
 from kdjax import train
 from kdjax import workdir as workdir_lib
 
-# The ten DESIGN.md metrics, in the order SimilarityMetrics defines them.
+# The ten metrics of docs/design.md, in the order SimilarityMetrics defines them.
 METRICS = tuple(metrics_lib.SimilarityMetrics.__annotations__)
 
 
@@ -225,7 +225,7 @@ def stage_logits(stage_engines, variables: dict, x) -> jax.Array:
 
 
 def save_npz(path: str, study: study_lib.Study, preds: Predictions) -> None:
-  """WORKDIR/analysis/predictions.npz with exactly the DESIGN.md keys (a local path or gs://)."""
+  """WORKDIR/analysis/predictions.npz with exactly the docs/design.md keys (a local path or gs://)."""
   replicas = study.students.replicas
   arrays = {
       "labels": preds.labels,

@@ -84,9 +84,10 @@ def render(*, command: str | None, study, results: dict, groups: Sequence[Group]
   out += ["Command:", "", "```", command or "(not recorded: kdjax.analysis.run called from "
           "Python)", "```", "",
           "All numbers are on the eval split; students are compared with their own teacher "
-          "(softmax at T = 1, natural logs; definitions in DESIGN.md). Files beside this "
-          "report: `metrics.json` (every number below), `predictions.npz` (every logit), "
-          "`plots/`, `replicas.csv` (one row per student), `classes.csv` (per class and arm).", ""]
+          "(softmax at T = 1, natural logs; definitions in kdjax's docs/design.md). Files "
+          "beside this report: `metrics.json` (every number below), `predictions.npz` (every "
+          "logit), `plots/`, `replicas.csv` (one row per student), `classes.csv` (per class and "
+          "arm).", ""]
 
   out += ["## Study", "", "| setting | value |", "|---|---|"]
   out += [f"| {k} | {v} |" for k, v in _config_rows(config, num_eval, num_classes)]
