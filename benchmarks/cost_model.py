@@ -60,33 +60,37 @@ def _study(args, execution: str) -> study_lib.Study:
   return study_lib.resolve(config)
 
 
-def _costs(engine: Engine, study, pattern=None) -> list[dict]:
-  """XLA's cost and memory analysis of each distinct block program of one step (one entry per
-  block, in block order)."""
-  teacher = Engine(study, study.teacher.groups[0])
-  teachers = jax.device_put(Teachers(variables=teacher.init_state().variables()),
-                            engine.replicated)
+def _step_setup(engine: Engine, study) -> tuple:
+  """(state, epoch order, arrays, teachers) of `engine`'s first step; teachers untrained."""
+  teachers = None
+  if engine.group.teacher_group is not None:
+    teacher = Engine(study, study.teacher.groups[0])
+    teachers = jax.device_put(Teachers(variables=teacher.init_state().variables()),
+                              engine.replicated)
   arrays = data.to_device(study.data["train"], engine.replicated)
   state = engine.init_state()
   _, order = engine.order_for_step(state, study.num_train)
-  inputs, metrics, _ = engine._step_inputs(state, order, arrays)  # pylint: disable=protected-access
-  carry = (state.params, state.batch_stats, state.opt_state, state.diverged, metrics)
-  per_replica = (state.keys, *engine._replica_constants, *inputs)  # pylint: disable=protected-access
+  return state, order, arrays, teachers
+
+
+def _analysis(compiled) -> dict:
+  """flops, bytes accessed and the memory plan of a compiled program."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  memory = compiled.memory_analysis()
+  return {"flops": float(cost.get("flops", 0.0)), "bytes": float(cost.get("bytes accessed", 0.0)),
+          "memory": memory}
+
+
+def _costs(engine: Engine, study, pattern=None) -> list[dict]:
+  """XLA's cost and memory analysis of each block program of one step (in block order)."""
   out = []
-  for (offset, start), own in zip(engine._block_args, engine._train_patterns):  # pylint: disable=protected-access
-    body = engine._train_rows  # pylint: disable=protected-access
-    program = engine._block_program(body, pattern or own, jax.sharding.PartitionSpec("replica"),  # pylint: disable=protected-access
-                                    None, None)
-    compiled = jax.jit(program).lower(carry, per_replica, (state.step, teachers), offset,
-                                      start).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    memory = compiled.memory_analysis()
-    out.append({"flops": float(cost.get("flops", 0.0)),
-                "bytes": float(cost.get("bytes accessed", 0.0)),
-                "memory_bytes": None if memory is None else int(
-                    memory.argument_size_in_bytes + memory.output_size_in_bytes +
-                    memory.temp_size_in_bytes)})
+  for lowered in engine.lower_train_blocks(*_step_setup(engine, study), pattern=pattern):
+    cost = _analysis(lowered.compile())
+    memory = cost.pop("memory")
+    cost["memory_bytes"] = None if memory is None else int(
+        memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes)
+    out.append(cost)
   return out
 
 
@@ -109,28 +113,16 @@ def _program_costs(model: str, replicas: int, dataset: str, batch: int, executio
   `replicas` replicas of `model`, and its compile time."""
   study = _model_study(model, replicas, dataset, batch, execution)
   engine = Engine(study, study.teacher.groups[0])
-  arrays = data.to_device(study.data["train"], engine.replicated)
-  state = engine.init_state()
-  _, order = engine.order_for_step(state, study.num_train)
-  inputs, metrics, _ = engine._step_inputs(state, order, arrays)  # pylint: disable=protected-access
-  carry = (state.params, state.batch_stats, state.opt_state, state.diverged, metrics)
-  per_replica = (state.keys, *engine._replica_constants, *inputs)  # pylint: disable=protected-access
-  program = engine._program("train", engine._train_patterns[0])  # pylint: disable=protected-access
-  offset, start = engine._block_args[0]  # pylint: disable=protected-access
+  (lowered, *_) = engine.lower_train_blocks(*_step_setup(engine, study))
   begin = time.perf_counter()
-  # Donated as the engine donates it, so its outputs alias its arguments' buffers.
-  compiled = jax.jit(program, donate_argnums=(0,)).lower(
-      carry, per_replica, (state.step, None), offset, start).compile()
+  cost = _analysis(lowered.compile())
   seconds = time.perf_counter() - begin
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
-  memory = compiled.memory_analysis()
+  memory = cost.pop("memory")
   dataset_bytes = sum(int(np.asarray(a).nbytes) for a in jax.tree.leaves(study.data["train"]))
   program_bytes = None if memory is None else int(
       memory.argument_size_in_bytes + memory.output_size_in_bytes -
       memory.alias_size_in_bytes + memory.temp_size_in_bytes)
-  return {"flops": float(cost.get("flops", 0.0)), "bytes": float(cost.get("bytes accessed", 0.0)),
-          "program_memory_bytes": program_bytes, "dataset_bytes": dataset_bytes,
+  return {**cost, "program_memory_bytes": program_bytes, "dataset_bytes": dataset_bytes,
           "compile_sec": seconds, "replicas_per_block": engine.replicas_per_block}
 
 

@@ -581,6 +581,19 @@ class Engine:
       state, metrics = self.train_step(state, order, arrays, teachers)
     return state, metrics
 
+  def lower_train_blocks(self, state: TrainState, order, arrays: Mapping[str, jax.Array],
+                         teachers: Teachers | None, pattern=None) -> list:
+    """The block programs of one `train_step` from `state`, lowered (`jax.stages.Lowered`), one
+    per block in block order, donated as `train_step` donates them: for XLA's cost and memory
+    analysis (benchmarks/cost_model.py). `pattern` replaces every block's own (e.g. one vmapped
+    segment of all rows that computes every kind present). Runs the step's batch building."""
+    inputs, metrics, _ = self._step_inputs(state, order, arrays)
+    carry = (state.params, state.batch_stats, state.opt_state, state.diverged, metrics)
+    per_replica = (state.keys, *self._replica_constants, *inputs)
+    return [jax.jit(self._program("train", pattern or own), donate_argnums=(0,)).lower(
+        carry, per_replica, (state.step, teachers), offset, start)
+            for (offset, start), own in zip(self._block_args, self._train_patterns)]
+
   def predict(self, variables, x):
     """Logits of every replica on one shared input batch x: [R, B, ...classes]."""
     out = self._empty_logits(variables, x)
