@@ -18,6 +18,7 @@ the analysis lays out its own (kdjax.analysis.fit_to_devices).
 from __future__ import annotations
 
 import json
+import os
 import logging
 import sys
 
@@ -165,9 +166,12 @@ class _KdjaxRecords(logging.Filter):
   an unprepared dataset before kdjax reports it)."""
 
   validating = False
+  # kdjax's own records come from files in this package's directory. (Not "/kdjax/" in the
+  # path: in a checkout named kdjax, every library under its .venv would match.)
+  package_dir = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
   def filter(self, record: logging.LogRecord) -> bool:
-    own = "/kdjax/" in record.pathname
+    own = os.path.abspath(record.pathname).startswith(self.package_dir)
     if self.validating:
       return own
     return record.levelno >= logging.WARNING or own  # own: also train.py's per-arm eval lines

@@ -129,3 +129,23 @@ def test_a_workdir_holding_another_study_is_refused_unless_overwrite(runs):
   assert out["overwrite"].returncode == 0, out["overwrite"].stderr[-3000:]
   assert out["config_after"]["num_seeds"] == 4
   assert (out["workdir"] / "teacher" / "checkpoints").is_dir()
+
+
+def test_the_console_keeps_kdjax_records_by_package_not_by_path_text(tmp_path):
+  """kdjax.main's log filter keeps kdjax's own INFO lines and drops other libraries' INFO lines,
+  also when the checkout (and its .venv) lives in a directory named kdjax, where a library's
+  path contains "/kdjax/" too."""
+  import logging  # pylint: disable=g-import-not-at-top
+  from kdjax import main as main_lib  # pylint: disable=g-import-not-at-top
+  records = main_lib._KdjaxRecords()  # pylint: disable=protected-access
+
+  def record(path, level=logging.INFO):
+    return logging.LogRecord("x", level, str(path), 1, "message", None, None)
+
+  own = pathlib.Path(main_lib.__file__).parent / "train.py"
+  library = tmp_path / "kdjax" / ".venv" / "lib" / "site-packages" / "orbax" / "checkpoint.py"
+  assert records.filter(record(own))
+  assert not records.filter(record(library))
+  assert records.filter(record(library, logging.WARNING))  # other libraries' warnings stay
+  records.validating = True  # while validating: kdjax's records only
+  assert records.filter(record(own)) and not records.filter(record(library, logging.WARNING))
