@@ -34,7 +34,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.teacher_model = ""        # "" = the students' model (self-distillation)
   config.teacher_model_kwargs = ml_collections.ConfigDict()  # used when teacher_model is set
   # Several capacities in one stage: keyword -> grid, e.g. {"width": "0.125,0.25,0.5"}; each
-  # point is a model (one compiled program); `model` and `teacher_model` may also list names.
+  # point is a model (its own engine); `model` and `teacher_model` may also list names.
   config.model_grid = ml_collections.ConfigDict()
   config.teacher_model_grid = ml_collections.ConfigDict()  # used when teacher_model is set
   config.arms = "kd,rcd,siddo"     # see kdjax/arms.py for all arms

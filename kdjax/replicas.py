@@ -1,7 +1,7 @@
-"""A study's replicas: the (arm, seed, teacher, alpha, temperature, ...) rows one program trains.
+"""A study's replicas: the (arm, seed, teacher, alpha, temperature, ...) rows a stage trains.
 
 A grid in the config (alpha, temperature, learning rate, KD windows) times `num_seeds`
-becomes replicas of one compiled program. Each replica's identity travels in checkpoint metadata
+becomes replicas of one stacked train state. Each replica's identity travels in checkpoint metadata
 and every output file (`Replica.to_json`).
 
 Models. A stage may hold several architectures or capacities (`model` a comma-separated list of

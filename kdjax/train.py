@@ -80,7 +80,7 @@ def prerequisites(study: Study) -> tuple[str, ...]:
 
 
 def engines(study: Study, stage: str) -> list[Engine]:
-  """One engine (one compiled program) per group of the stage, in the stage's group order."""
+  """One engine (one stacked state and its programs) per group of the stage, in group order."""
   return [Engine(study, group) for group in study.stage(stage).groups]
 
 
