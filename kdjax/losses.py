@@ -27,6 +27,27 @@ import optax
 
 from kdjax import _checks
 
+# The public functions and classes (constants and type aliases stay importable by name).
+__all__ = [
+    "softmax_cross_entropy",
+    "kl_divergence",
+    "kd_loss",
+    "random_control_logits",
+    "ensemble_teacher_logits",
+    "standardize_logits",
+    "standardized_kd_loss",
+    "asymmetric_temperature_softmax",
+    "ats_kd_loss",
+    "isats_temperature",
+    "isats_kd_loss",
+    "class_relation_matrix",
+    "fgcr_kd_loss",
+    "regt_loss",
+    "dkd_loss",
+    "feature_hint_loss",
+    "switch_schedule",
+]
+
 Array = jax.Array
 Scalar = Union[float, Array]
 Schedule = Union[float, Callable[[Array], Array]]

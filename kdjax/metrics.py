@@ -33,6 +33,29 @@ import numpy as np
 from kdjax import _checks
 from kdjax import losses
 
+# The public functions and classes (constants and type aliases stay importable by name).
+__all__ = [
+    "js_divergence",
+    "activation_distance",
+    "kl_divergence",
+    "agreement",
+    "rank_disagreement",
+    "topk_rank_disagreement",
+    "confidence",
+    "logit_transform",
+    "nontarget_variance",
+    "class_rank_consistency",
+    "attention_iou",
+    "prediction_agreement",
+    "joint_counts",
+    "mutual_information_from_counts",
+    "mutual_information",
+    "calibration_bins",
+    "ece_from_bins",
+    "expected_calibration_error",
+    "SimilarityMetrics",
+]
+
 Array = jax.Array
 
 # The number of confidence bins of `ece` (docs/design.md) (Guo et al. 2017 use 15).

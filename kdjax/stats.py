@@ -23,6 +23,33 @@ import scipy.stats
 
 from kdjax._checks import check_choice, check_int, check_range
 
+# The public functions and classes (constants and type aliases stay importable by name).
+__all__ = [
+    "MannWhitneyResult",
+    "ConfidenceInterval",
+    "mann_whitney_u",
+    "p_value_method",
+    "bootstrap_ci",
+    "holm",
+    "summarize",
+    "WilcoxonResult",
+    "signed_rank_sums",
+    "wilcoxon_p_value_method",
+    "wilcoxon_signed_rank",
+    "TostResult",
+    "tost",
+    "cluster_bootstrap_ci",
+    "min_p_value",
+    "seeds_for_verdict",
+    "smoothed_resample",
+    "signed_rank_null_counts",
+    "rank_sum_null_counts",
+    "resampled_p_values",
+    "seeds_for_power",
+    "format_margins",
+    "parse_equivalence_margins",
+]
+
 ALTERNATIVES = ("two-sided", "less", "greater")
 DEFAULT_NUM_RESAMPLES = 10_000
 
