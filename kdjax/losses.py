@@ -4,7 +4,16 @@ Conventions (all functions):
   * class axis last, any leading axes (batch, replica, sequence);
   * per-example outputs, no reduction: the caller reduces (masks for padded batches, per-replica
     weights);
-  * integer labels of shape `logits.shape[:-1]`;
+  * `labels` (every loss that takes them) are either integer class indices, shape
+    `logits.shape[:-1]`, or soft labels: a probability vector over the classes per example, shape
+    `logits.shape` (floating dtype; mixup/cutmix targets, or one-hot labels as big_vision passes
+    them). The kind is decided by dtype and shape, anything else is a ValueError; soft labels are
+    not checked to be non-negative or to sum to 1. A soft label q means: the cross-entropy is
+    -sum_k q_k log softmax(z)_k against the full vector (an integer y is q = onehot(y)); the
+    losses that split the classes into "the target" and the rest (ATS/ISATS, DKD, RegT) take the
+    argmax class of q (the first on ties) as the target; FGCR fuses the label-weighted relation
+    row sum_c q_c R[c]; `class_relation_matrix` weights each example's distribution by q_c.
+    One-hot float labels give the same values and gradients as the integer labels;
   * hyperparameters (`alpha`, `temperature`, ...) are a Python number, validated eagerly with a
     ValueError naming the argument and the allowed range, or a traced JAX scalar/array, so a vmapped
     engine can give every replica its own value;
@@ -87,10 +96,26 @@ def _loss_weights(alpha, ce_weight, kd_weight) -> tuple[Array, Array]:
   return _as_float(ce_weight), _as_float(kd_weight)
 
 
+def _labels_are_soft(logits_name: str, logits, labels_name: str, labels) -> bool:
+  """Validates `labels` against [..., C] logits: False for integer class indices of shape
+  `logits.shape[:-1]`, True for floating probability vectors of shape `logits.shape`."""
+  ls, ys = tuple(np.shape(logits)), tuple(np.shape(labels))
+  dtype = labels.dtype if hasattr(labels, "dtype") else np.asarray(labels).dtype
+  if len(ls) >= 1:
+    if ys == ls[:-1] and jnp.issubdtype(dtype, jnp.integer):
+      return False
+    if ys == ls and jnp.issubdtype(dtype, jnp.floating):
+      return True
+  raise ValueError(f"{labels_name} must be integer class indices of shape {logits_name}.shape[:-1] "
+                   f"= {ls[:-1]} or floating class probabilities of shape {logits_name}.shape = "
+                   f"{ls} (class axis last), got {labels_name} {ys} of dtype {dtype} and "
+                   f"{logits_name} {ls}")
+
+
 def _check_pair(student_logits, teacher_logits, labels=None) -> None:
   _checks.check_same_shape("student_logits", student_logits, "teacher_logits", teacher_logits)
   if labels is not None:
-    _checks.check_labels_shape("student_logits", student_logits, "labels", labels)
+    _labels_are_soft("student_logits", student_logits, "labels", labels)
 
 
 def _expand_last(x) -> Array:
@@ -108,8 +133,16 @@ def _kl_from_log_probs(log_p: Array, log_q: Array) -> Array:
   return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
 
 
+def _target_class(labels) -> Array:
+  """Integer labels as they are; soft labels (floating, validated) -> their argmax class."""
+  labels = jnp.asarray(labels)
+  if jnp.issubdtype(labels.dtype, jnp.floating):
+    return jnp.argmax(labels, axis=-1)
+  return labels
+
+
 def _target_mask(logits, labels) -> Array:
-  return jax.nn.one_hot(labels, logits.shape[-1], dtype=bool)
+  return jax.nn.one_hot(_target_class(labels), logits.shape[-1], dtype=bool)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -117,17 +150,29 @@ def _target_mask(logits, labels) -> Array:
 
 
 def softmax_cross_entropy(logits, labels, *, label_smoothing: Scalar = 0.0) -> Array:
-  """Cross-entropy with integer labels and optional label smoothing, per example.
+  """Cross-entropy with integer or soft labels and optional label smoothing, per example.
 
     CE = -sum_k q_k log softmax(z)_k,   q = (1 - eps) onehot(y) + eps / C
 
-  which is how `optax.smooth_labels` defines smoothing (Szegedy et al. 2016, arXiv 1512.00567).
-  `label_smoothing` eps in [0, 1].
+  which is how `optax.smooth_labels` defines smoothing (Szegedy et al. 2016, arXiv 1512.00567);
+  a soft label q_y replaces onehot(y): q = (1 - eps) q_y + eps / C.
+
+  Args:
+    logits: [..., C] logits.
+    labels: integer class indices [...] or class probabilities [..., C] (see the module
+      docstring).
+    label_smoothing: eps in [0, 1], a number or a traced scalar/per-example array.
+
+  Returns:
+    The cross-entropy in nats, shape `logits.shape[:-1]`.
   """
-  _checks.check_labels_shape("logits", logits, "labels", labels)
+  soft = _labels_are_soft("logits", logits, "labels", labels)
   _checks.check_range("label_smoothing", label_smoothing, low=0.0, high=1.0)
   log_p = jax.nn.log_softmax(_as_float(logits), axis=-1)
-  nll = -jnp.take_along_axis(log_p, jnp.asarray(labels)[..., None], axis=-1)[..., 0]
+  if soft:
+    nll = -jnp.sum(_as_float(labels) * log_p, axis=-1)
+  else:
+    nll = -jnp.take_along_axis(log_p, jnp.asarray(labels)[..., None], axis=-1)[..., 0]
   eps = _as_float(label_smoothing)
   # The uniform part, -(1/C) sum_k log p_k, is written out so eps may be a traced per-replica value.
   return (1.0 - eps) * nll - eps * jnp.mean(log_p, axis=-1)
@@ -161,7 +206,20 @@ def kd_loss(student_logits, teacher_logits, labels, *, alpha: Scalar = 0.5,
   is dL/ds_k = p_s,k - (1 - alpha) 1[k = y] - alpha p_t,k: the student is pulled towards a mixture
   of label and teacher, which is the basis of the negative-asymmetric-payoff argument of
   Mason-Williams et al. (arXiv 2510.12615). The teacher is treated as a constant (stop_gradient).
-  `alpha` in [0, 1]; `temperature` > 0 (scalar or per example).
+  With a soft label q, CE = -sum_k q_k log softmax(s)_k (and the gradient pulls towards q).
+
+  Args:
+    student_logits: [..., C] student logits.
+    teacher_logits: [..., C] teacher logits (no gradient flows to them).
+    labels: integer class indices [...] or class probabilities [..., C] (see the module
+      docstring).
+    alpha: the teacher term's weight in [0, 1]; the cross-entropy gets 1 - alpha.
+    temperature: T > 0, a scalar or one value per example.
+    ce_weight: with `kd_weight`, the cross-entropy's weight (>= 0) instead of 1 - alpha.
+    kd_weight: with `ce_weight`, the teacher term's weight (>= 0) instead of alpha.
+
+  Returns:
+    The loss per example, shape `student_logits.shape[:-1]`, float32 or wider.
   """
   _check_pair(student_logits, teacher_logits, labels)
   ce_w, kd_w = _loss_weights(alpha, ce_weight, kd_weight)
@@ -260,6 +318,19 @@ def standardized_kd_loss(student_logits, teacher_logits, labels, *, alpha: Scala
   (1 - alpha, alpha) or (`ce_weight`, `kd_weight`) when both are given. The authors' code
   (sunshangquan/logit-standardization-KD, on mdistiller) trains CIFAR-100 with T = 2,
   ce_weight = 0.1 and kd_weight = 9, which the (1 - alpha, alpha) form cannot express.
+
+  Args:
+    student_logits: [..., C] student logits.
+    teacher_logits: [..., C] teacher logits (no gradient flows to them).
+    labels: integer class indices [...] or class probabilities [..., C]; the cross-entropy is
+      taken against the full vector (see the module docstring).
+    alpha: the teacher term's weight in [0, 1]; the cross-entropy gets 1 - alpha.
+    temperature: T > 0, applied to the standardised logits; a scalar or one value per example.
+    ce_weight: with `kd_weight`, the cross-entropy's weight (>= 0) instead of 1 - alpha.
+    kd_weight: with `ce_weight`, the teacher term's weight (>= 0) instead of alpha.
+
+  Returns:
+    The loss per example, shape `student_logits.shape[:-1]`.
   """
   _check_pair(student_logits, teacher_logits, labels)
   ce_w, kd_w = _loss_weights(alpha, ce_weight, kd_weight)
@@ -294,9 +365,19 @@ def asymmetric_temperature_softmax(logits, labels, *, target_temperature: Scalar
   the authors' code (lxcnju/ATS-LargeKD, `train_distill_ats.py`) searches every pair
   tau_1 in {1, ..., 6} x tau_2 in {1, ..., 5} without that constraint, and so does kdjax: any
   two temperatures > 0 (scalars or one per example). Unlike plain temperature scaling, ATS is
-  not invariant to adding a constant to the logits. Returns probabilities, class axis last.
+  not invariant to adding a constant to the logits.
+
+  Args:
+    logits: [..., C] logits.
+    labels: integer class indices [...] or class probabilities [..., C]; a soft label's target
+      class y is its argmax (the first on ties).
+    target_temperature: tau_1 > 0 for the target class, a scalar or one value per example.
+    nontarget_temperature: tau_2 > 0 for the other classes, a scalar or one value per example.
+
+  Returns:
+    The probabilities p, shape `logits.shape`, class axis last.
   """
-  _checks.check_labels_shape("logits", logits, "labels", labels)
+  _labels_are_soft("logits", logits, "labels", labels)
   _check_temperature("target_temperature", target_temperature)
   _check_temperature("nontarget_temperature", nontarget_temperature)
   return jax.nn.softmax(
@@ -318,6 +399,23 @@ def ats_kd_loss(student_logits, teacher_logits, labels, *, alpha: Scalar = 0.5,
   (`lamb`: (1 - lamb) CE + lamb KD) and the cross-entropy -sum_k p_t,k log softmax(s / T)_k
   instead of the KL; the two differ by T^2 times the teacher's entropy, a constant for the
   student, so the gradients are equal. kdjax's defaults (T = 1, alpha = 0.5) are theirs.
+
+  Args:
+    student_logits: [..., C] student logits.
+    teacher_logits: [..., C] teacher logits (no gradient flows to them).
+    labels: integer class indices [...] or class probabilities [..., C]; with a soft label the
+      ATS target class is its argmax (the first on ties) and the cross-entropy is taken against
+      the full vector.
+    alpha: the teacher term's weight in [0, 1]; the cross-entropy gets 1 - alpha.
+    target_temperature: tau_1 > 0, the teacher's target-class temperature.
+    nontarget_temperature: tau_2 > 0, the teacher's non-target temperature.
+    temperature: the student's temperature T > 0.
+    ce_weight: with `kd_weight`, the cross-entropy's weight (>= 0) instead of 1 - alpha.
+    kd_weight: with `ce_weight`, the teacher term's weight (>= 0) instead of alpha.
+    (Temperatures are scalars or one value per example.)
+
+  Returns:
+    The loss per example, shape `student_logits.shape[:-1]`.
   """
   _check_pair(student_logits, teacher_logits, labels)
   ce_w, kd_w = _loss_weights(alpha, ce_weight, kd_weight)
@@ -372,8 +470,18 @@ def isats_temperature(teacher_logits, labels, *, target_temperature: Scalar,
   are strongly negative, so the grid's lower end can decide: on kdjax's digits smoke teachers
   (configs/capacity_mismatch.py) tau_2 = 1 wins for every example and ISATS equals ATS with
   (tau_1, 1). Check the chosen temperatures (this function) before reading ISATS results.
+
+  Args:
+    teacher_logits: [..., C] teacher logits, C >= 3 (no gradient flows to them).
+    labels: integer class indices [...] or class probabilities [..., C]; a soft label's target
+      class y is its argmax (the first on ties).
+    target_temperature: tau_1 > 0, a scalar or one value per example.
+    temperatures: the grid of candidate tau_2 values, all finite and > 0.
+
+  Returns:
+    The chosen tau_2 per example, shape `teacher_logits.shape[:-1]`.
   """
-  _checks.check_labels_shape("teacher_logits", teacher_logits, "labels", labels)
+  _labels_are_soft("teacher_logits", teacher_logits, "labels", labels)
   _check_temperature("target_temperature", target_temperature)
   grid = np.asarray(temperatures, dtype=np.float32).reshape(-1)
   if grid.size == 0 or not np.all(np.isfinite(grid)) or np.any(grid <= 0):
@@ -383,7 +491,7 @@ def isats_temperature(teacher_logits, labels, *, target_temperature: Scalar,
     raise ValueError("isats_temperature needs at least 3 classes (a variance over >= 2 "
                      f"non-target classes), got shape {np.shape(teacher_logits)}")
   logits = jax.lax.stop_gradient(_as_float(teacher_logits))
-  labels = jnp.asarray(labels)
+  labels = _target_class(labels)
   is_target = _target_mask(logits, labels)[..., None, :]                   # [..., 1, C]
   target_t = _expand_last(jax.lax.stop_gradient(_as_float(target_temperature)))[..., None]
   scaled = jnp.where(is_target, logits[..., None, :] / target_t,
@@ -405,6 +513,22 @@ def isats_kd_loss(student_logits, teacher_logits, labels, *, alpha: Scalar = 0.5
 
   i.e. ATS whose non-target temperature is chosen per example. The student's temperature T and
   the weights follow the ATS authors' code by default (T = 1, alpha = 0.5; see `ats_kd_loss`).
+
+  Args:
+    student_logits: [..., C] student logits.
+    teacher_logits: [..., C] teacher logits, C >= 3 (no gradient flows to them).
+    labels: integer class indices [...] or class probabilities [..., C]; with a soft label the
+      target class is its argmax (the first on ties) and the cross-entropy is taken against the
+      full vector.
+    alpha: the teacher term's weight in [0, 1]; the cross-entropy gets 1 - alpha.
+    target_temperature: tau_1 > 0, a scalar or one value per example.
+    temperatures: the grid searched for tau_2 (`isats_temperature`).
+    temperature: the student's temperature T > 0.
+    ce_weight: with `kd_weight`, the cross-entropy's weight (>= 0) instead of 1 - alpha.
+    kd_weight: with `ce_weight`, the teacher term's weight (>= 0) instead of alpha.
+
+  Returns:
+    The loss per example, shape `student_logits.shape[:-1]`.
   """
   _check_pair(student_logits, teacher_logits, labels)
   tau = isats_temperature(teacher_logits, labels, target_temperature=target_temperature,
@@ -423,8 +547,20 @@ def class_relation_matrix(teacher_logits, labels, num_classes: int, *, temperatu
   the teacher's average tempered distribution per class, a [C, C] row-stochastic matrix whose row c
   ranks the classes by their affinity to c. Compute it once from the teacher's logits on the
   training set (`mask` zero-weights padded examples). A class with no example gets the uniform row.
+  With soft labels q each example counts towards every class c with weight q_c:
+  R[c] = sum_x q_c(x) softmax(t(x) / T) / sum_x q_c(x).
+
+  Args:
+    teacher_logits: [..., C] teacher logits.
+    labels: integer class indices [...] or class probabilities [..., C].
+    num_classes: C, which must match the logits' class axis.
+    temperature: T > 0.
+    mask: optional weights of shape `teacher_logits.shape[:-1]` (0 for padding).
+
+  Returns:
+    R, a [C, C] row-stochastic matrix.
   """
-  _checks.check_labels_shape("teacher_logits", teacher_logits, "labels", labels)
+  soft = _labels_are_soft("teacher_logits", teacher_logits, "labels", labels)
   _check_temperature("temperature", temperature)
   if np.shape(teacher_logits)[-1] != num_classes:
     raise ValueError(f"teacher_logits has {np.shape(teacher_logits)[-1]} classes, num_classes is "
@@ -432,8 +568,13 @@ def class_relation_matrix(teacher_logits, labels, num_classes: int, *, temperatu
   probs = jax.nn.softmax(_tempered_log_softmax(teacher_logits, temperature), -1)
   probs = probs.reshape(-1, num_classes)
   weights = jnp.ones(probs.shape[0]) if mask is None else _as_float(mask).reshape(-1)
-  onehot = jax.nn.one_hot(jnp.asarray(labels).reshape(-1), num_classes) * weights[:, None]
+  if soft:
+    onehot = _as_float(labels).reshape(-1, num_classes) * weights[:, None]
+  else:
+    onehot = jax.nn.one_hot(jnp.asarray(labels).reshape(-1), num_classes) * weights[:, None]
   sums, counts = onehot.T @ probs, onehot.sum(0)[:, None]
+  if soft:  # label-weighted counts may lie in (0, 1)
+    return jnp.where(counts > 0, sums / jnp.where(counts > 0, counts, 1.0), 1.0 / num_classes)
   return jnp.where(counts > 0, sums / jnp.maximum(counts, 1.0), 1.0 / num_classes)
 
 
@@ -462,7 +603,22 @@ def fgcr_kd_loss(student_logits, teacher_logits, labels, class_relations, *,
   The paper's observation is that large teachers' instance-level non-target probabilities are
   nearly indistinct while their class-affinity ranks stay consistent. This is kdjax's reading of
   FGCR (the method section's exact fusion rule was not available to us): a convex mixture,
-  `fusion` in [0, 1].
+  `fusion` in [0, 1]. With a soft label q, R[y] becomes the label-weighted row sum_c q_c R[c]
+  and the cross-entropy is taken against q.
+
+  Args:
+    student_logits: [..., C] student logits.
+    teacher_logits: [..., C] teacher logits (no gradient flows to them).
+    labels: integer class indices [...] or class probabilities [..., C].
+    class_relations: the [C, C] matrix R of `class_relation_matrix`, computed at T = 1.
+    alpha: the teacher term's weight in [0, 1]; the cross-entropy gets 1 - alpha.
+    fusion: the relations' share in [0, 1].
+    temperature: T > 0, a scalar or one value per example.
+    ce_weight: with `kd_weight`, the cross-entropy's weight (>= 0) instead of 1 - alpha.
+    kd_weight: with `ce_weight`, the teacher term's weight (>= 0) instead of alpha.
+
+  Returns:
+    The loss per example, shape `student_logits.shape[:-1]`.
   """
   _check_pair(student_logits, teacher_logits, labels)
   ce_w, kd_w = _loss_weights(alpha, ce_weight, kd_weight)
@@ -474,7 +630,12 @@ def fgcr_kd_loss(student_logits, teacher_logits, labels, class_relations, *,
                      f"{tuple(np.shape(class_relations))}")
   fusion = _as_float(fusion)
   teacher_probs = jax.nn.softmax(_as_float(jax.lax.stop_gradient(teacher_logits)), -1)
-  fused = (1.0 - fusion) * teacher_probs + fusion * _as_float(class_relations)[labels]
+  if jnp.issubdtype(jnp.asarray(labels).dtype, jnp.floating):
+    # sum_c q_c R[c], elementwise (a matmul may round R on an accelerator's default precision).
+    relations = jnp.sum(_as_float(labels)[..., :, None] * _as_float(class_relations), axis=-2)
+  else:
+    relations = _as_float(class_relations)[labels]
+  fused = (1.0 - fusion) * teacher_probs + fusion * relations
   log_fused = jnp.log(jnp.clip(jax.lax.stop_gradient(fused), jnp.finfo(jnp.float32).tiny))
   kl = _kl_from_log_probs(_tempered_log_softmax(log_fused, temperature),
                           _tempered_log_softmax(student_logits, temperature))
@@ -503,8 +664,19 @@ def regt_loss(teacher_logits, labels, *, weight: Scalar = 1.0, temperature: Scal
   at 0.05 nats) and check the teachers' class-rank consistency (the `capacity` section) when
   raising it. This is kdjax's reading of RegT (the method section's exact regulariser was not
   available to us).
+
+  Args:
+    teacher_logits: [..., C] teacher logits, C >= 3.
+    labels: integer class indices [...] or class probabilities [..., C]; with a soft label the
+      target class y (left out of the variance) is its argmax (the first on ties) and the
+      cross-entropy is taken against the full vector.
+    weight: the reward's weight, >= 0.
+    temperature: T > 0 for the non-target distribution, a scalar or one value per example.
+
+  Returns:
+    The loss per example, shape `teacher_logits.shape[:-1]`.
   """
-  _checks.check_labels_shape("teacher_logits", teacher_logits, "labels", labels)
+  _labels_are_soft("teacher_logits", teacher_logits, "labels", labels)
   _checks.check_range("weight", weight, low=0.0)
   _check_temperature("temperature", temperature)
   num_classes = np.shape(teacher_logits)[-1]
@@ -529,7 +701,19 @@ def dkd_loss(student_logits, teacher_logits, labels, *, alpha: Scalar = 1.0, bet
     DKD = alpha * TCKD + beta * NCKD, both multiplied by T^2 (as in the authors' code), where
     TCKD = KL(b_t || b_s),  b = [p_y, 1 - p_y] with p = softmax(z / T)   (target vs rest),
     NCKD = KL(p_hat_t || p_hat_s), p_hat = softmax over the non-target classes of z / T.
-  The caller adds the cross-entropy term. `alpha`, `beta` >= 0; `temperature` > 0.
+  The caller adds the cross-entropy term.
+
+  Args:
+    student_logits: [..., C] student logits.
+    teacher_logits: [..., C] teacher logits (no gradient flows to them).
+    labels: integer class indices [...] or class probabilities [..., C]; a soft label's target
+      class y is its argmax (the first on ties).
+    alpha: TCKD's weight, >= 0.
+    beta: NCKD's weight, >= 0.
+    temperature: T > 0, a scalar or one value per example.
+
+  Returns:
+    The loss per example, shape `student_logits.shape[:-1]`.
   """
   _check_pair(student_logits, teacher_logits, labels)
   _checks.check_range("alpha", alpha, low=0.0)

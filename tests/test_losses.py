@@ -589,3 +589,147 @@ def test_regt_reward_is_bounded_by_its_weight_at_every_class_count(num_classes):
   y = rng.integers(0, num_classes, 50)
   reward = losses.softmax_cross_entropy(t, y) - losses.regt_loss(t, y, weight=0.05)
   assert np.all((reward >= -1e-6) & (reward <= 0.05 + 1e-6))
+
+
+# --------------------------------------------------------------------------- soft labels
+
+
+def _soft_labels(shape, seed):
+  """Genuinely soft labels (mixup of two one-hot labels with a Beta weight), float32 [..., C]."""
+  rng = np.random.default_rng(seed)
+  a, b = rng.integers(0, shape[-1], size=(2,) + shape[:-1])
+  lam = rng.beta(0.4, 0.4, size=shape[:-1] + (1,))
+  return (lam * np.eye(shape[-1])[a] + (1 - lam) * np.eye(shape[-1])[b]).astype(np.float32)
+
+
+_RELATIONS = special.softmax(np.random.default_rng(5).normal(size=(5, 5)), -1).astype(np.float32)
+
+# Every loss that takes labels, as f(s, t, y) (a teacher-only loss ignores s or t).
+LABELLED_LOSSES = {
+    "softmax_cross_entropy": lambda s, t, y: losses.softmax_cross_entropy(s, y),
+    "smoothed_cross_entropy": lambda s, t, y: losses.softmax_cross_entropy(
+        s, y, label_smoothing=0.1),
+    "kd_loss": lambda s, t, y: losses.kd_loss(s, t, y, alpha=0.3, temperature=2.0),
+    "kd_loss_weights": lambda s, t, y: losses.kd_loss(s, t, y, ce_weight=0.1, kd_weight=0.9),
+    "standardized_kd_loss": lambda s, t, y: losses.standardized_kd_loss(s, t, y, temperature=2.0),
+    "asymmetric_temperature_softmax": lambda s, t, y: losses.asymmetric_temperature_softmax(
+        s, y, target_temperature=3.0, nontarget_temperature=1.5),
+    "ats_kd_loss": lambda s, t, y: losses.ats_kd_loss(
+        s, t, y, target_temperature=3.0, nontarget_temperature=1.5, temperature=2.0),
+    "isats_temperature": lambda s, t, y: losses.isats_temperature(t, y, target_temperature=2.0),
+    "isats_kd_loss": lambda s, t, y: losses.isats_kd_loss(s, t, y, target_temperature=2.0),
+    "class_relation_matrix": lambda s, t, y: losses.class_relation_matrix(
+        s, y, 5, temperature=2.0, mask=np.arange(np.size(s) // 5).reshape(np.shape(s)[:-1]) % 3 > 0),
+    "fgcr_kd_loss": lambda s, t, y: losses.fgcr_kd_loss(s, t, y, _RELATIONS, fusion=0.4,
+                                                        temperature=2.0),
+    "regt_loss": lambda s, t, y: losses.regt_loss(s, y, weight=0.5, temperature=2.0),
+    "dkd_loss": lambda s, t, y: losses.dkd_loss(s, t, y, alpha=1.0, beta=8.0, temperature=4.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LABELLED_LOSSES))
+@pytest.mark.parametrize("shape", [(9, 5), (2, 4, 5)])
+def test_one_hot_float_labels_equal_integer_labels(name, shape):
+  """Values and gradients (w.r.t. both logits) agree for y and float onehot(y), also under jit."""
+  fn = LABELLED_LOSSES[name]
+  s, t, y = _logits(shape, seed=11), _logits(shape, seed=12), _labels(shape, seed=13)
+  onehot = np.eye(shape[-1], dtype=np.float32)[y]
+  np.testing.assert_allclose(fn(s, t, onehot), fn(s, t, y), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(jax.jit(fn)(s, t, onehot), fn(s, t, y), rtol=1e-6, atol=1e-6)
+  if name == "isats_temperature":  # a grid choice: no gradient
+    return
+  for argnum in (0, 1):
+    grad = lambda y: jax.grad(lambda s, t: jnp.sum(fn(s, t, y)), argnums=argnum)(s, t)
+    np.testing.assert_allclose(grad(onehot), grad(y), rtol=1e-5, atol=1e-6)
+
+
+def test_every_labelled_loss_is_covered():
+  import inspect
+  takes_labels = {n for n in losses.__all__
+                  if "labels" in inspect.signature(getattr(losses, n)).parameters}
+  assert takes_labels == {n for n in LABELLED_LOSSES if n not in ("smoothed_cross_entropy",
+                                                                  "kd_loss_weights")}
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_soft_label_cross_entropy_matches_numpy(smoothing):
+  z, q = _logits((8, 5), seed=21), _soft_labels((8, 5), seed=22)
+  got = losses.softmax_cross_entropy(z, q, label_smoothing=smoothing)
+  q_smooth = (1 - smoothing) * q + smoothing / 5
+  want = -(q_smooth * special.log_softmax(z, -1)).sum(-1)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got, optax.softmax_cross_entropy(z, q_smooth), rtol=1e-5, atol=1e-5)
+  # the gradient pulls towards q: softmax(z) - q_smooth
+  grad = jax.grad(lambda z: losses.softmax_cross_entropy(z, q, label_smoothing=smoothing).sum())(z)
+  np.testing.assert_allclose(grad, special.softmax(z, -1) - q_smooth, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("alpha,temperature", [(0.0, 1.0), (0.5, 1.0), (0.9, 4.0)])
+def test_soft_label_kd_loss_matches_numpy(alpha, temperature):
+  s, t, q = _logits((8, 6), seed=23), _logits((8, 6), seed=24), _soft_labels((8, 6), seed=25)
+  got = losses.kd_loss(s, t, q, alpha=alpha, temperature=temperature)
+  ce = -(q * special.log_softmax(s, -1)).sum(-1)
+  kl = _np_kl(special.softmax(t / temperature, -1), special.softmax(s / temperature, -1))
+  np.testing.assert_allclose(got, (1 - alpha) * ce + alpha * temperature**2 * kl, rtol=1e-4,
+                             atol=1e-5)
+
+
+def test_soft_label_target_class_is_the_argmax_and_ce_uses_the_full_vector():
+  """The target/non-target losses split at argmax(q) (the first on ties); their cross-entropy
+  terms are -sum q log p."""
+  s, t = _logits((8, 5), seed=26), _logits((8, 5), seed=27)
+  q = _soft_labels((8, 5), seed=28)
+  q[0] = [0.4, 0.1, 0.4, 0.1, 0.0]          # a tie: the first maximum, class 0, is the target
+  y = np.argmax(q, -1)
+  assert y[0] == 0
+  ce_q = np.asarray(losses.softmax_cross_entropy(s, q))
+  ce_y = np.asarray(losses.softmax_cross_entropy(s, y))
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  close(losses.dkd_loss(s, t, q), losses.dkd_loss(s, t, y))
+  close(losses.asymmetric_temperature_softmax(s, q, target_temperature=3.0,
+                                              nontarget_temperature=1.0),
+        losses.asymmetric_temperature_softmax(s, y, target_temperature=3.0,
+                                              nontarget_temperature=1.0))
+  np.testing.assert_array_equal(losses.isats_temperature(t, q, target_temperature=2.0),
+                                losses.isats_temperature(t, y, target_temperature=2.0))
+  for loss in (lambda y: losses.ats_kd_loss(s, t, y, alpha=0.3, target_temperature=3.0,
+                                            nontarget_temperature=1.0),
+               lambda y: losses.isats_kd_loss(s, t, y, alpha=0.3, target_temperature=2.0)):
+    close(loss(q), loss(y) - 0.7 * ce_y + 0.7 * ce_q)
+  regt = lambda y: losses.regt_loss(s, y, weight=0.5, temperature=2.0)
+  close(regt(q), regt(y) - ce_y + ce_q)
+
+
+def test_soft_label_fgcr_and_class_relations_weight_by_the_label():
+  s, t = _logits((8, 5), seed=29), _logits((8, 5), seed=30)
+  q = _soft_labels((8, 5), seed=31)
+  # R[c] = sum_x q_c(x) softmax(t(x) / T) / sum_x q_c(x)
+  p = special.softmax(t / 2.0, -1)
+  want_r = (q.T @ p) / q.sum(0)[:, None]
+  np.testing.assert_allclose(losses.class_relation_matrix(t, q, 5, temperature=2.0), want_r,
+                             rtol=1e-5, atol=1e-6)
+  # FGCR fuses the label-weighted row sum_c q_c R[c]; CE against q
+  fusion, temperature, alpha = 0.4, 2.0, 0.5
+  fused = (1 - fusion) * special.softmax(t, -1) + fusion * (q @ _RELATIONS)
+  fused_t = special.softmax(np.log(fused) / temperature, -1)
+  kl = _np_kl(fused_t, special.softmax(s / temperature, -1))
+  ce = -(q * special.log_softmax(s, -1)).sum(-1)
+  got = losses.fgcr_kd_loss(s, t, q, _RELATIONS, alpha=alpha, fusion=fusion,
+                            temperature=temperature)
+  np.testing.assert_allclose(got, (1 - alpha) * ce + alpha * temperature**2 * kl, rtol=1e-4,
+                             atol=1e-5)
+
+
+@pytest.mark.parametrize("labels", [
+    np.zeros(3, np.float32),          # float labels must carry the class axis
+    np.zeros((3, 4), np.int32),       # integer labels must not
+    np.zeros((3, 5), np.float32),     # wrong number of classes
+])
+def test_labels_of_neither_kind_raise_value_error(labels):
+  s, t = _logits((3, 4)), _logits((3, 4))
+  for call in (lambda: losses.softmax_cross_entropy(s, labels),
+               lambda: losses.kd_loss(s, t, labels),
+               lambda: losses.dkd_loss(s, t, labels),
+               lambda: losses.regt_loss(t, labels)):
+    with pytest.raises(ValueError, match=r"integer class indices .* class probabilities"):
+      call()
