@@ -184,6 +184,14 @@ def kl_divergence(target_logits, logits, *, temperature: Scalar = 1.0) -> Array:
   The distillation term of Hinton et al. 2015 ("Distilling the Knowledge in a Neural Network",
   arXiv 1503.02531). `temperature` > 0; a scalar or one value per example (shape
   `logits.shape[:-1]`).
+
+  Args:
+    target_logits: [..., C] logits of the target distribution (the teacher).
+    logits: [..., C] logits of the fitted distribution (the student), same shape.
+    temperature: T > 0, a scalar or one value per example.
+
+  Returns:
+    The KL in nats, shape `logits.shape[:-1]`.
   """
   _checks.check_same_shape("target_logits", target_logits, "logits", logits)
   _check_temperature("temperature", temperature)
@@ -243,6 +251,16 @@ def random_control_logits(key, shape, *, minval: float = 0.0, maxval: float = 1.
   U[minval, maxval) noise of the same shape, a control that keeps the form of the distillation
   loss but removes the teacher's knowledge. Draw fresh noise per step from the replica's `rcd`
   key stream.
+
+  Args:
+    key: a `jax.random` key.
+    shape: the teacher logits' shape, e.g. [..., C].
+    minval: the noise's lower bound (inclusive).
+    maxval: the noise's upper bound (exclusive), > minval.
+    dtype: the result's dtype.
+
+  Returns:
+    Uniform noise of shape `shape`.
   """
   _checks.check_range("minval", minval)
   _checks.check_range("maxval", maxval)
@@ -263,6 +281,14 @@ def ensemble_teacher_logits(teacher_logits, *, axis: int = 0, mode: str = "mean_
     mode="mean_logits": (1/M) sum_m t_m, the normalised geometric mean of the members'
                         distributions.
   `axis` is the member axis (not the class axis).
+
+  Args:
+    teacher_logits: the members' logits, with a member axis and the class axis last.
+    axis: the member axis (not the class axis).
+    mode: "mean_probs" or "mean_logits".
+
+  Returns:
+    The ensemble's logits, `teacher_logits` without the member axis.
   """
   _checks.check_choice("mode", mode, _ENSEMBLE_MODES)
   teacher_logits = _as_float(teacher_logits)
@@ -293,6 +319,13 @@ def standardize_logits(logits, *, eps: float = 1e-7) -> Array:
   would put the cross-entropy on z-scored logits too). The authors' CIFAR-100 recipe: base
   temperature 2, ce_weight 0.1, kd_weight 9. Constant logits map to 0 with a zero (not NaN)
   gradient.
+
+  Args:
+    logits: [..., C] logits, C >= 2.
+    eps: >= 0, added to the standard deviation.
+
+  Returns:
+    The standardised logits, shape `logits.shape`.
   """
   _checks.check_range("eps", eps, low=0.0)
   logits = _as_float(logits)
@@ -752,6 +785,13 @@ def feature_hint_loss(student_features, teacher_features) -> Array:
   student's features must already have the teacher's shape (a regressor, e.g. a 1x1 conv, is part
   of the student); the teacher's features get no gradient. Used for the feature-map-matching
   variants of arXiv 2510.12615.
+
+  Args:
+    student_features: [B, ...] student features (after the regressor).
+    teacher_features: [B, ...] teacher features of the same shape (no gradient flows to them).
+
+  Returns:
+    The mean squared difference per example, shape [B].
   """
   _checks.check_same_shape("student_features", student_features,
                            "teacher_features", teacher_features)
@@ -778,6 +818,14 @@ def switch_schedule(boundary: int, *, before: Schedule, after: Schedule) -> opta
   `switch_schedule(a, before=0.0, after=switch_schedule(b, before=1.0, after=0.0))` — the
   loss-switching experiments of Nagarajan et al. (arXiv 2301.12923, Sec. 3). `boundary` may also
   be a traced integer (one switch step per replica inside a vmapped engine).
+
+  Args:
+    boundary: the switch step, an integer >= 0 or a traced integer.
+    before: the weight before `boundary`, a number or an optax schedule.
+    after: the weight from `boundary` on, a number or an optax schedule.
+
+  Returns:
+    An optax schedule, step -> weight.
   """
   if not isinstance(boundary, jax.Array) and (
       not isinstance(boundary, (int, np.integer)) or isinstance(boundary, bool) or boundary < 0):

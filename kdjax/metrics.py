@@ -117,6 +117,13 @@ def js_divergence(a_logits, b_logits) -> Array:
   log m = logaddexp(log p, log q) - log 2 is computed in log space, so underflowed (1e4 logits)
   and exactly-zero (-inf logit) probabilities give finite values and finite gradients with
   respect to the finite logits; the result is clipped to [0, log 2] against rounding.
+
+  Args:
+    a_logits: [..., C] logits.
+    b_logits: [..., C] logits, same shape.
+
+  Returns:
+    JS in nats, shape `a_logits.shape[:-1]`.
   """
   _check_pair("a_logits", a_logits, "b_logits", b_logits)
   log_p, log_q = _log_probs(a_logits), _log_probs(b_logits)
@@ -133,6 +140,13 @@ def activation_distance(a_logits, b_logits) -> Array:
   between 0 and sqrt(2) (two different one-hot distributions).
 
   The square root is guarded so the gradient at a == b is 0, not NaN.
+
+  Args:
+    a_logits: [..., C] logits.
+    b_logits: [..., C] logits, same shape.
+
+  Returns:
+    The distance, shape `a_logits.shape[:-1]`.
   """
   _check_pair("a_logits", a_logits, "b_logits", b_logits)
   diff = jnp.exp(_log_probs(a_logits)) - jnp.exp(_log_probs(b_logits))
@@ -156,6 +170,13 @@ def kl_divergence(target_logits, logits) -> Array:
   data; compare it across arms within kdjax, not with the paper's numbers. Defined as the T = 1
   case of `kdjax.losses.kl_divergence` (Hinton et al. 2015, arXiv 1503.02531) so there is one
   implementation of the KL.
+
+  Args:
+    target_logits: [..., C] logits of the target distribution (the teacher).
+    logits: [..., C] logits of the fitted distribution (the student), same shape.
+
+  Returns:
+    The KL in nats, shape `logits.shape[:-1]`.
   """
   return losses.kl_divergence(target_logits, logits, temperature=1.0)
 
@@ -163,6 +184,13 @@ def kl_divergence(target_logits, logits) -> Array:
 def agreement(a_logits, b_logits) -> Array:
   """Top-1 agreement [argmax a == argmax b] as float32 per example (arXiv 2510.12615,
   2405.00739). Ties in argmax go to the lowest class index, as `jnp.argmax`.
+
+  Args:
+    a_logits: [..., C] logits.
+    b_logits: [..., C] logits, same shape.
+
+  Returns:
+    1.0 where the top-1 classes agree, else 0.0; shape `a_logits.shape[:-1]`.
   """
   _check_pair("a_logits", a_logits, "b_logits", b_logits)
   a, b = jnp.asarray(a_logits), jnp.asarray(b_logits)
@@ -189,6 +217,14 @@ def rank_disagreement(a_logits, b_logits, *, k: int | None = None) -> Array:
   Spearman correlation 0.993 over 100 classes disagree at 80% of the positions. There use
   `topk_rank_disagreement` (which classes the top k are) or this function with `k` (at which of
   the first k positions the classes differ).
+
+  Args:
+    a_logits: [..., C] logits.
+    b_logits: [..., C] logits, same shape.
+    k: None (all C positions) or the number of leading positions compared, in [1, C].
+
+  Returns:
+    RD in [0, 1], shape `a_logits.shape[:-1]`.
   """
   _check_pair("a_logits", a_logits, "b_logits", b_logits)
   num_classes = np.shape(a_logits)[-1]
@@ -211,6 +247,14 @@ def topk_rank_disagreement(a_logits, b_logits, *, k: int = 5) -> Array:
   many classes, where the full-ranking `rank_disagreement` saturates: it looks only at the
   classes a model considers most likely, where dark knowledge lives. `k` in [1, C] (k = 1 is
   1 - top-1 agreement).
+
+  Args:
+    a_logits: [..., C] logits.
+    b_logits: [..., C] logits, same shape.
+    k: the set size, in [1, C].
+
+  Returns:
+    RD@k in [0, 1], shape `a_logits.shape[:-1]`.
   """
   _check_pair("a_logits", a_logits, "b_logits", b_logits)
   num_classes = np.shape(a_logits)[-1]
@@ -226,6 +270,13 @@ def confidence(logits, labels) -> Array:
 
   The quantity whose teacher-vs-student scatter (after `logit_transform`) is Fig. 1 of Nagarajan
   et al. (arXiv 2301.12923). Labels must lie in [0, C).
+
+  Args:
+    logits: [..., C] logits.
+    labels: integer labels of shape `logits.shape[:-1]`, in [0, C).
+
+  Returns:
+    softmax(logits)[label], shape `logits.shape[:-1]`.
   """
   _checks.check_labels_shape("logits", logits, "labels", labels)
   log_p = _log_probs(logits)
@@ -241,6 +292,13 @@ def logit_transform(p, *, eps: float = 1e-6) -> Array:
   confidence scatter in arXiv 2301.12923, Fig. 1. Clipping the log-odds rather than p keeps the
   two ends symmetric: in float32, 1 - eps is not representable to better than ~6e-8.
   `eps` in (0, 0.5); the result has the shape of `p`.
+
+  Args:
+    p: probabilities, any shape.
+    eps: the clipping level, in (0, 0.5).
+
+  Returns:
+    The clipped log-odds, shape `p.shape`.
   """
   _checks.check_range("eps", eps, low=0.0, high=0.5, low_inclusive=False, high_inclusive=False)
   p = _as_float(p)
@@ -261,6 +319,13 @@ def nontarget_variance(logits, labels) -> Array:
   the population variance over the C - 1 entries. Needs C >= 2. ISATS maximises the same
   variance of the teacher's asymmetric-temperature distribution (`kdjax.losses.isats_temperature`;
   equal to this one when both temperatures are 1), so it shares that implementation.
+
+  Args:
+    logits: [..., C] logits, C >= 2.
+    labels: integer labels of shape `logits.shape[:-1]`.
+
+  Returns:
+    v, shape `logits.shape[:-1]`.
   """
   _checks.check_labels_shape("logits", logits, "labels", labels)
   if np.shape(logits)[-1] < 2:
@@ -310,6 +375,15 @@ def class_rank_consistency(a_logits, b_logits, labels, *, k: int = 5) -> dict[st
   spearman/kendall are NaN where one ranking is constant (as scipy). Needs C >= 3 and
   1 <= k <= C - 1. Memory is O(C^2) per example (pairwise comparisons): chunk the batch for
   large C. Returns {"spearman", "kendall", "topk_overlap"}, each of shape `labels.shape`.
+
+  Args:
+    a_logits: [..., C] logits, C >= 3.
+    b_logits: [..., C] logits, same shape.
+    labels: integer labels of shape `a_logits.shape[:-1]` (the target class left out).
+    k: the top-k set size, in [1, C - 1].
+
+  Returns:
+    {"spearman", "kendall", "topk_overlap"}, each of shape `labels.shape`.
   """
   _check_pair("a_logits", a_logits, "b_logits", b_logits)
   _checks.check_labels_shape("a_logits", a_logits, "labels", labels)
@@ -361,6 +435,15 @@ def attention_iou(map_a, map_b, *, quantile: float = 0.5,
   averaged over batches); this function returns per-example values, which the caller averages.
   Computing and resizing the maps (CAM, Grad-CAM, ...) is the caller's job. `quantile` in (0, 1),
   `threshold` in [0, 1).
+
+  Args:
+    map_a: [..., H, W] attention maps.
+    map_b: [..., H, W] attention maps, same shape.
+    quantile: the per-map quantile above which a pixel is on, in (0, 1).
+    threshold: None, or the min-max-normalised level in [0, 1) above which a pixel is on.
+
+  Returns:
+    The IoU, shape `map_a.shape[:-2]`.
   """
   _checks.check_same_shape("map_a", map_a, "map_b", map_b)
   if np.ndim(map_a) < 2:
@@ -402,6 +485,15 @@ def prediction_agreement(student_logits, teacher_logits, labels, *, mask=None) -
   teacher is never wrong, or mask all zero) is NaN, not a division warning. The counts
   `count`, `teacher_correct_count`, `teacher_incorrect_count` are returned too (float32), so a
   streaming caller can recombine batches exactly: numerator = mean * count.
+
+  Args:
+    student_logits: [..., C] student logits.
+    teacher_logits: [..., C] teacher logits, same shape.
+    labels: integer labels of shape `student_logits.shape[:-1]`.
+    mask: optional, shape `labels.shape`; zero entries are ignored.
+
+  Returns:
+    A dict of float32 scalars: the five means above and the three counts.
   """
   _check_pair("student_logits", student_logits, "teacher_logits", teacher_logits)
   _checks.check_labels_shape("student_logits", student_logits, "labels", labels)
@@ -432,6 +524,15 @@ def joint_counts(a_pred, b_pred, num_classes: int, *, mask=None) -> Array:
   """The [num_classes, num_classes] contingency table N_ij = #{n : a_n = i, b_n = j} of two
   integer prediction arrays over all their axes (masked entries excluded), as float32 (exact up
   to 2^24 per cell). Predictions outside [0, num_classes) are not counted.
+
+  Args:
+    a_pred: integer predictions, any shape.
+    b_pred: integer predictions, same shape.
+    num_classes: the table's size, an integer >= 1.
+    mask: optional, shape `a_pred.shape`; zero entries are not counted.
+
+  Returns:
+    N, float32 [num_classes, num_classes].
   """
   _checks.check_same_shape("a_pred", a_pred, "b_pred", b_pred)
   _checks.check_int("num_classes", num_classes, low=1)
@@ -447,6 +548,12 @@ def mutual_information_from_counts(counts) -> Array:
     MI = sum_ij P_ij (log P_ij - log P_i. - log P_.j),   P = N / sum N,   0 log 0 = 0.
 
   NaN for an all-zero table; clipped at 0 against rounding (the plug-in MI is a KL divergence).
+
+  Args:
+    counts: a contingency table [..., I, J] of non-negative counts.
+
+  Returns:
+    MI in nats, shape `counts.shape[:-2]`.
   """
   counts = _as_float(counts)
   total = jnp.sum(counts, axis=(-2, -1), keepdims=True)
@@ -469,6 +576,15 @@ def mutual_information(a_pred, b_pred, num_classes: int, *, mask=None) -> Array:
   arXiv 2405.00739 relates student-teacher MI of predictions to generalisation; docs/design.md's
   `mutual_information` is MI(argmax s; argmax t). Equals sklearn.metrics.mutual_info_score.
   MI = log C for identical uniform predictions over C classes and 0 for independent ones.
+
+  Args:
+    a_pred: integer predictions, any shape.
+    b_pred: integer predictions, same shape.
+    num_classes: the number of classes, an integer >= 1.
+    mask: optional, shape `a_pred.shape`; zero entries are ignored.
+
+  Returns:
+    MI in nats, a scalar.
   """
   return mutual_information_from_counts(joint_counts(a_pred, b_pred, num_classes, mask=mask))
 
@@ -483,6 +599,15 @@ def calibration_bins(logits, labels, *, num_bins: int = ECE_NUM_BINS,
 
   right-closed equal-width bins (as Guo et al.'s and most reference code: lower < conf <= upper);
   correct = [argmax logits = label]. Each has shape [num_bins], float32.
+
+  Args:
+    logits: [..., C] logits.
+    labels: integer labels of shape `logits.shape[:-1]`.
+    num_bins: B, an integer >= 1.
+    mask: optional, shape `labels.shape`; zero entries are ignored.
+
+  Returns:
+    {"count", "confidence_sum", "correct_sum"}, each float32 [num_bins].
   """
   _checks.check_labels_shape("logits", logits, "labels", labels)
   _checks.check_int("num_bins", num_bins, low=1)
@@ -505,7 +630,16 @@ def calibration_bins(logits, labels, *, num_bins: int = ECE_NUM_BINS,
 
 def ece_from_bins(count, confidence_sum, correct_sum) -> Array:
   """ECE from per-bin sums: sum_b |B_b|/N |acc(B_b) - conf(B_b)| = sum_b |correct_b - conf_b| / N.
-  NaN when N = 0."""
+  NaN when N = 0.
+
+  Args:
+    count: [B] examples per bin.
+    confidence_sum: [B] sums of the confidences per bin.
+    correct_sum: [B] numbers of correct predictions per bin.
+
+  Returns:
+    The ECE, a scalar.
+  """
   total = jnp.sum(count, axis=-1)
   return _safe_divide(jnp.sum(jnp.abs(correct_sum - confidence_sum), axis=-1), total)
 
@@ -519,6 +653,15 @@ def expected_calibration_error(logits, labels, *, num_bins: int = ECE_NUM_BINS,
   with confidence = max softmax probability, `num_bins` right-closed equal-width bins on (0, 1]
   ((0, 1/B], (1/B, 2/B], ..., ((B-1)/B, 1]; see `calibration_bins`), N = number of unmasked
   examples. NaN when N = 0.
+
+  Args:
+    logits: [..., C] logits.
+    labels: integer labels of shape `logits.shape[:-1]`.
+    num_bins: B, an integer >= 1.
+    mask: optional, shape `labels.shape`; zero entries are ignored.
+
+  Returns:
+    The ECE in [0, 1], a scalar.
   """
   return ece_from_bins(**calibration_bins(logits, labels, num_bins=num_bins, mask=mask))
 

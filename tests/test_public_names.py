@@ -25,3 +25,14 @@ def test_all_lists_exactly_the_public_functions_and_classes(module):
   # what `import *` used to leak
   assert not {"jax", "jnp", "np", "optax", "annotations", "flax", "math", "scipy"} & \
       set(module.__all__)
+
+
+@pytest.mark.parametrize("module", [losses, metrics], ids=lambda m: m.__name__)
+def test_public_functions_document_args_and_returns(module):
+  """optax-style docstrings: every public function of the losses and metrics has both sections."""
+  import inspect
+  for name in module.__all__:
+    obj = getattr(module, name)
+    if inspect.isfunction(obj):
+      doc = inspect.getdoc(obj) or ""
+      assert "\nArgs:\n" in doc and "\nReturns:\n" in doc, f"{module.__name__}.{name}"
