@@ -144,7 +144,7 @@ class Study:
     """(replica, data) of the mesh `group` trains on over `num_devices` devices (default: the
     study's): `config.mesh` when it is set, else `auto_mesh` for the group."""
     num_devices = self.num_devices if num_devices is None else int(num_devices)
-    if self.mesh is None or is_auto_mesh(self.config.get("mesh")):
+    if self.mesh is None:  # resolve leaves it None exactly for the default mesh
       return auto_mesh(len(group.replicas), num_devices,
                        (int(self.config.batch_size), int(self.config.eval_batch_size)))
     return mesh_shape(self.config.get("mesh"), num_devices)
