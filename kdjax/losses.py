@@ -3,7 +3,8 @@
 Conventions (all functions):
   * class axis last, any leading axes (batch, replica, sequence);
   * per-example outputs, no reduction: the caller reduces (masks for padded batches, per-replica
-    weights);
+    weights); the one exception is a loss defined on the batch (DIST's correlation of each class
+    across the batch: `dist_loss` takes the mask, and a named axis for a batch split over shards);
   * `labels` (every loss that takes them) are either integer class indices, shape
     `logits.shape[:-1]`, or soft labels: a probability vector over the classes per example, shape
     `logits.shape` (floating dtype; mixup/cutmix targets, or one-hot labels as big_vision passes
@@ -55,6 +56,16 @@ __all__ = [
     "dkd_loss",
     "feature_hint_loss",
     "switch_schedule",
+    "dist_inter_class",
+    "dist_loss",
+    "nkd_loss",
+    "ttm_loss",
+    "wttm_loss",
+    "gradient_reversal",
+    "ctkd_temperature",
+    "ctkd_lambda",
+    "attention_map",
+    "attention_transfer_loss",
 ]
 
 Array = jax.Array
@@ -837,3 +848,470 @@ def switch_schedule(boundary: int, *, before: Schedule, after: Schedule) -> opta
     return jnp.where(jnp.asarray(step) < boundary, before_fn(step), after_fn(step))
 
   return schedule
+
+
+# ------------------------------------------------------------------------------------------------
+# Correlation-based distillation: DIST.
+
+# Added to the product of the two norms in the Pearson correlation (the authors' cosine similarity
+# takes (a . b) / (|a| |b| + 1e-8)); it makes a constant vector correlate 0 with anything.
+_PEARSON_EPS = 1e-8
+
+
+def _safe_sqrt(x: Array) -> Array:
+  """sqrt with a zero (not infinite) derivative at 0."""
+  positive = x > 0
+  return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1.0)), 0.0)
+
+
+def _pearson_from_centred_sums(sxy: Array, sxx: Array, syy: Array) -> Array:
+  return sxy / (_safe_sqrt(sxx) * _safe_sqrt(syy) + _PEARSON_EPS)
+
+
+def _tempered_probs(logits, temperature) -> Array:
+  return jnp.exp(_tempered_log_softmax(logits, temperature))
+
+
+def _pearson_over_classes(x: Array, y: Array) -> Array:
+  dx = x - jnp.mean(x, axis=-1, keepdims=True)
+  dy = y - jnp.mean(y, axis=-1, keepdims=True)
+  return _pearson_from_centred_sums(jnp.sum(dx * dy, -1), jnp.sum(dx * dx, -1),
+                                    jnp.sum(dy * dy, -1))
+
+
+def dist_inter_class(student_logits, teacher_logits, *, temperature: Scalar = 1.0) -> Array:
+  """DIST's inter-class relation distance per example (Huang et al., NeurIPS 2022, "Knowledge
+  Distillation from A Stronger Teacher", arXiv 2205.10536; code hunto/DIST_KD):
+
+    d_inter(x) = 1 - rho(p_s(x), p_t(x)),   p = softmax(z / T),
+
+  rho the Pearson correlation over the C classes of one example,
+  rho(u, v) = sum_k (u_k - mean u)(v_k - mean v) / (|u - mean u| |v - mean v| + 1e-8), the 1e-8
+  as in the authors' code (a constant vector correlates 0). Without the T^2 factor and without
+  the batch-level intra-class term: `dist_loss` is the whole DIST loss.
+
+  Args:
+    student_logits: [..., C] student logits, C >= 2.
+    teacher_logits: [..., C] teacher logits (no gradient flows to them).
+    temperature: T > 0, a scalar or one value per example.
+
+  Returns:
+    1 - rho per example, in [0, 2], shape `student_logits.shape[:-1]`.
+  """
+  _checks.check_same_shape("student_logits", student_logits, "teacher_logits", teacher_logits)
+  _check_temperature("temperature", temperature)
+  if np.shape(student_logits)[-1:] in ((), (1,)):
+    raise ValueError(f"dist_inter_class needs at least 2 classes, got shape "
+                     f"{np.shape(student_logits)}")
+  teacher_logits = jax.lax.stop_gradient(teacher_logits)
+  return 1.0 - _pearson_over_classes(_tempered_probs(student_logits, temperature),
+                                     _tempered_probs(teacher_logits, temperature))
+
+
+def dist_loss(student_logits, teacher_logits, *, mask=None, beta: Scalar = 1.0,
+              gamma: Scalar = 1.0, temperature: Scalar = 1.0,
+              axis_name: str | None = None) -> Array:
+  """DIST (Huang et al., NeurIPS 2022, arXiv 2205.10536), a batch-level loss:
+
+    L = T^2 (beta * inter + gamma * intra),   p = softmax(z / T),
+    inter = mean over examples i of (1 - rho(p_s[i, :], p_t[i, :]))     (`dist_inter_class`),
+    intra = mean over classes c of (1 - rho(p_s[:, c], p_t[:, c])),
+
+  rho the Pearson correlation (with 1e-8 added to the product of the norms, as in the authors'
+  code): `inter` correlates each example's class distribution, `intra` each class's
+  probabilities across the batch, which is why DIST has no per-example form. All leading axes
+  of the logits are the batch (as the authors flatten pixels for segmentation). The caller adds
+  the cross-entropy.
+
+  The authors' code (hunto/DIST_KD, whose classification part is hunto/image_classification_sota,
+  `lib/models/losses/dist_kd.py` and `kd_loss.py`): beta = gamma = 1 throughout, T = 1 on
+  ImageNet (`kd: dist`, configs/strategies/distill/resnet_dist.yaml and dist_b2.yaml), T = 4 on
+  CIFAR-100 (`kd: dist_t4`, dist_cifar.yaml); both terms are multiplied by T^2 (their `tau**2`),
+  and the total loss is 1 * CE + 2 * DIST (`ori_loss_weight` 1, `kd_loss_weight` 2) in all three
+  configs.
+
+  `mask` (0 for padded examples) removes examples from both terms: from the mean over examples
+  and from every per-class correlation (means, covariances and norms). With `axis_name`, the
+  batch is split over that named axis (data shards under `shard_map`/`pmap`, or
+  `jax.vmap(..., axis_name=...)`): the per-class statistics (count, sum p_s, sum p_t, then the
+  centred sums of p_s p_t, p_s^2, p_t^2) and the inter-class sum are `jax.lax.psum`med over it,
+  so every shard returns the whole batch's loss. The centred sums are taken about the whole
+  batch's mean (a second psum), not as sum(x y) - sum(x) sum(y) / n, which loses the variance of a
+  class whose probability barely varies across the batch to float32 cancellation. Under
+  `jax.vmap(..., axis_name=...)` the mean over shards of the result has the unsplit loss's
+  gradient.
+
+  Args:
+    student_logits: [..., C] student logits, C >= 2 (at least one leading batch axis).
+    teacher_logits: [..., C] teacher logits (no gradient flows to them).
+    mask: optional weights of shape `student_logits.shape[:-1]`, 1 for real and 0 for padded
+      examples (other non-negative values weight the examples in every mean and sum).
+    beta: the inter-class term's weight, >= 0.
+    gamma: the intra-class term's weight, >= 0.
+    temperature: T > 0, a scalar (a traced scalar under a per-replica vmap).
+    axis_name: the named axis the batch is split over, or None for an unsplit batch.
+
+  Returns:
+    The batch loss, a scalar (0 for a batch whose mask is all 0).
+  """
+  _checks.check_same_shape("student_logits", student_logits, "teacher_logits", teacher_logits)
+  shape = tuple(np.shape(student_logits))
+  if len(shape) < 2 or shape[-1] < 2:
+    raise ValueError(f"dist_loss needs a batch axis and at least 2 classes, got shape {shape}")
+  if mask is not None and tuple(np.shape(mask)) != shape[:-1]:
+    raise ValueError(f"mask must have shape student_logits.shape[:-1] = {shape[:-1]}, got "
+                     f"{tuple(np.shape(mask))}")
+  _checks.check_range("beta", beta, low=0.0)
+  _checks.check_range("gamma", gamma, low=0.0)
+  _check_temperature("temperature", temperature)
+  if np.ndim(temperature) != 0:
+    raise ValueError(f"dist_loss takes one temperature for the batch, got shape "
+                     f"{np.shape(temperature)}")
+  num_classes = shape[-1]
+  teacher_logits = jax.lax.stop_gradient(teacher_logits)
+  p_s = _tempered_probs(student_logits, temperature).reshape(-1, num_classes)
+  p_t = _tempered_probs(teacher_logits, temperature).reshape(-1, num_classes)
+  weights = jnp.ones(p_s.shape[:1], p_s.dtype) if mask is None else \
+      _as_float(mask).reshape(-1).astype(p_s.dtype)
+
+  def batch_sum(xs):
+    totals = tuple(jnp.sum(x, axis=0) for x in xs)
+    return totals if axis_name is None else jax.lax.psum(totals, axis_name)
+
+  inter_sum, count, sum_s, sum_t = batch_sum(
+      (weights * (1.0 - _pearson_over_classes(p_s, p_t)), weights, weights[:, None] * p_s,
+       weights[:, None] * p_t))
+  nonempty = count > 0
+  safe_count = jnp.where(nonempty, count, 1.0)
+  d_s = p_s - sum_s / safe_count
+  d_t = p_t - sum_t / safe_count
+  w = weights[:, None]
+  sxy, sxx, syy = batch_sum((w * d_s * d_t, w * d_s * d_s, w * d_t * d_t))
+  inter = inter_sum / safe_count
+  intra = 1.0 - jnp.mean(_pearson_from_centred_sums(sxy, sxx, syy))
+  temperature = _as_float(temperature)
+  loss = temperature**2 * (_as_float(beta) * inter + _as_float(gamma) * intra)
+  return jnp.where(nonempty, loss, 0.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Normalised KD (NKD).
+
+
+def nkd_loss(student_logits, teacher_logits, labels, *, temperature: Scalar = 1.0,
+             gamma: Scalar = 1.5) -> Array:
+  """Normalized KD (NKD; Yang et al., ICCV 2023, "From Knowledge Distillation to Self-Knowledge
+  Distillation: A Unified Approach with Normalized Loss and Customized Soft Labels",
+  arXiv 2303.13005; code yzd-v/cls_KD, `mmcls/models/dis_losses/nkd.py`), per example:
+
+    NKD = -t_y log s_y  -  gamma T^2 sum_{k != y} t_hat_k log s_hat_k,
+
+  s = softmax(student), t = softmax(teacher) at temperature 1 (the target term), and
+  s_hat, t_hat the non-target distributions: softmax over the C - 1 non-target logits divided by
+  T (the target removed and the rest renormalised to sum 1). The non-target term is a
+  cross-entropy, as in the authors' code; it differs from gamma T^2 KL(t_hat || s_hat) by the
+  teacher's non-target entropy, a constant for the student (same gradient). The target term's
+  teacher probability t_y is a constant (no gradient), and only the non-target term is scaled by
+  T^2. This is the NKD term alone: the authors' distiller adds the student's ordinary
+  cross-entropy (weight 1) separately, and so must the caller.
+
+  The authors' defaults: temp = 1.0, gamma = 1.5 (the loss class, and the ImageNet configs
+  `configs/distillers/imagenet/res34_distill_res18_img.py`, `res50_distill_mv1_img.py`);
+  gamma = 1.0 for DeiT (`deit-s3_distill_deit-t_img.py`); temp = 3.0, gamma = 3.5 on CIFAR-100
+  (`configs/distillers/cifar100/res34_distill_res18_cifar.py`). Like the authors' code, a soft
+  label's target class is its argmax.
+
+  Args:
+    student_logits: [..., C] student logits, C >= 2.
+    teacher_logits: [..., C] teacher logits (no gradient flows to them).
+    labels: integer class indices [...] or class probabilities [..., C]; a soft label's target
+      class y is its argmax (the first on ties).
+    temperature: T > 0 for the non-target distributions, a scalar or one value per example.
+    gamma: the non-target term's weight, >= 0.
+
+  Returns:
+    The NKD term per example, shape `student_logits.shape[:-1]`.
+  """
+  _check_pair(student_logits, teacher_logits, labels)
+  _check_temperature("temperature", temperature)
+  _checks.check_range("gamma", gamma, low=0.0)
+  if np.shape(student_logits)[-1] < 2:
+    raise ValueError(f"nkd_loss needs at least 2 classes, got shape {np.shape(student_logits)}")
+  teacher_logits = jax.lax.stop_gradient(teacher_logits)
+  is_target = _target_mask(student_logits, labels)
+
+  def at_target(log_p):
+    return jnp.sum(jnp.where(is_target, log_p, 0.0), axis=-1)
+
+  log_s_target = at_target(jax.nn.log_softmax(_as_float(student_logits), axis=-1))
+  t_target = jnp.exp(at_target(jax.nn.log_softmax(_as_float(teacher_logits), axis=-1)))
+
+  def nontarget_log_probs(logits):
+    scaled = _as_float(logits) / _expand_last(temperature)
+    return jax.nn.log_softmax(jnp.where(is_target, scaled - _MASK_OFFSET, scaled), axis=-1)
+
+  log_s_hat = nontarget_log_probs(student_logits)
+  t_hat = jnp.exp(nontarget_log_probs(teacher_logits))
+  nontarget_ce = -jnp.sum(jnp.where(is_target, 0.0, t_hat * log_s_hat), axis=-1)
+  return -t_target * log_s_target + \
+      _as_float(gamma) * _as_float(temperature)**2 * nontarget_ce
+
+
+# ------------------------------------------------------------------------------------------------
+# Transformed teacher matching: TTM and WTTM.
+
+
+def _transformed_teacher(teacher_logits, gamma) -> tuple[Array, Array]:
+  """(log of the power-transformed teacher p_t^gamma / U, log U), U = sum_k p_t,k^gamma."""
+  powered = _expand_last(gamma) * jax.nn.log_softmax(_as_float(teacher_logits), axis=-1)
+  log_norm = jax.nn.logsumexp(powered, axis=-1)
+  return powered - log_norm[..., None], log_norm
+
+
+def ttm_loss(student_logits, teacher_logits, *, gamma: Scalar) -> Array:
+  """Transformed teacher matching (TTM; Zheng and Yang, ICLR 2024, "Knowledge Distillation Based
+  on Transformed Teacher Matching", arXiv 2402.11148; code zkxufo/TTM,
+  `distiller_zoo/ttm.py`), per example:
+
+    TTM = KL(p_t^gamma / U || softmax(s)),   U = sum_k p_t,k^gamma,   p_t = softmax(t),
+
+  KD with the temperature kept on the teacher only: the power transform p_t^gamma / U is
+  softmax(t / T) with T = 1/gamma, and the student's logits are not scaled (no T^2 factor). The
+  paper shows this equals KD plus a Rényi-entropy regulariser of the student. The caller adds
+  the cross-entropy and the weight.
+
+  The authors' code: `--ttm_l` (gamma) defaults to 1, which is plain KD at T = 1, hence no default
+  here; their README's CIFAR-100 example (vgg13 -> vgg8) uses gamma = 0.1 with the TTM term's
+  weight beta = 45 (`-b 45`) and cross-entropy weight 1 (`-r 1`). The paper's per-pair
+  T = 1/gamma and beta values (its appendix A.4) were not available to us.
+
+  Args:
+    student_logits: [..., C] student logits.
+    teacher_logits: [..., C] teacher logits (no gradient flows to them).
+    gamma: the power-transform exponent gamma > 0 (= 1/T), a scalar or one value per example.
+
+  Returns:
+    The KL in nats per example, shape `student_logits.shape[:-1]`.
+  """
+  _checks.check_same_shape("student_logits", student_logits, "teacher_logits", teacher_logits)
+  _checks.check_range("gamma", gamma, low=0.0, low_inclusive=False)
+  log_target, _ = _transformed_teacher(jax.lax.stop_gradient(teacher_logits), gamma)
+  return _kl_from_log_probs(log_target, jax.nn.log_softmax(_as_float(student_logits), axis=-1))
+
+
+def wttm_loss(student_logits, teacher_logits, *, gamma: Scalar) -> Array:
+  """Weighted transformed teacher matching (WTTM; Zheng and Yang, ICLR 2024, arXiv 2402.11148;
+  code zkxufo/TTM, `distiller_zoo/wttm.py`), per example:
+
+    WTTM = U_gamma(p_t) * KL(p_t^gamma / U_gamma(p_t) || softmax(s)),
+    U_gamma(p_t) = sum_k p_t,k^gamma,   p_t = softmax(t),
+
+  `ttm_loss` weighted by the power sum of the teacher's distribution, the sample-adaptive weight
+  of the paper: for gamma < 1 it lies in [1, C^(1 - gamma)] and is larger the smoother the
+  teacher's distribution, so such examples count more. The weight is a constant for the student
+  (the teacher gets no gradient). The caller adds the cross-entropy and the weight.
+
+  The authors' code: `--ttm_l` (gamma) defaults to 1 (U = 1: plain KD at T = 1), hence no default
+  here; their README combines WTTM (gamma = 0.2, weight `-a 4`) with CRD. The paper's per-pair
+  gamma and beta values (its appendix A.4) were not available to us.
+
+  Args:
+    student_logits: [..., C] student logits.
+    teacher_logits: [..., C] teacher logits (no gradient flows to them).
+    gamma: the power-transform exponent gamma > 0 (= 1/T), a scalar or one value per example.
+
+  Returns:
+    The weighted KL per example, shape `student_logits.shape[:-1]`.
+  """
+  _checks.check_same_shape("student_logits", student_logits, "teacher_logits", teacher_logits)
+  _checks.check_range("gamma", gamma, low=0.0, low_inclusive=False)
+  log_target, log_norm = _transformed_teacher(jax.lax.stop_gradient(teacher_logits), gamma)
+  kl = _kl_from_log_probs(log_target, jax.nn.log_softmax(_as_float(student_logits), axis=-1))
+  return jnp.exp(log_norm) * kl
+
+
+# ------------------------------------------------------------------------------------------------
+# Curriculum temperature (CTKD).
+
+
+@jax.custom_vjp
+def _gradient_reversal(x, scale):
+  return x
+
+
+def _gradient_reversal_fwd(x, scale):
+  return x, scale
+
+
+def _gradient_reversal_bwd(scale, g):
+  return (-scale * g).astype(g.dtype), jnp.zeros_like(scale)
+
+
+_gradient_reversal.defvjp(_gradient_reversal_fwd, _gradient_reversal_bwd)
+
+
+def gradient_reversal(x, scale: Scalar) -> Array:
+  """Gradient reversal layer (Ganin and Lempitsky, ICML 2015, arXiv 1409.7495):
+
+    forward: y = x,   backward: dL/dx = -scale * dL/dy,
+
+  so what follows the layer is minimised while what precedes it is pushed to maximise the same
+  loss (scaled by `scale`). No gradient flows to `scale`. CTKD (`ctkd_temperature`) puts it
+  between the learnable temperature and the distillation loss.
+
+  Args:
+    x: any array.
+    scale: the reversal's strength lambda >= 0, a number or a traced scalar (or an array that
+      broadcasts against `x`).
+
+  Returns:
+    `x` unchanged (its gradient is reversed and scaled).
+  """
+  _checks.check_range("scale", scale, low=0.0)
+  x = jnp.asarray(x)
+  return _gradient_reversal(x, _as_float(scale))
+
+
+def ctkd_temperature(raw_temperature_param, lambda_: Scalar, *, t_start: Scalar = 1.0,
+                     t_range: Scalar = 20.0) -> Array:
+  """CTKD's learnable global temperature (Li et al., AAAI 2023, "Curriculum Temperature for
+  Knowledge Distillation", arXiv 2211.16231; code zhengli97/CTKD, `models/temp_global.py` and
+  `helper/loops.py`):
+
+    T = t_start + t_range * sigmoid(GRL_lambda(theta)),
+
+  theta the raw trainable scalar, GRL_lambda the `gradient_reversal` layer with scale lambda, so
+  the student minimises the distillation loss while theta is updated to maximise it (an
+  adversarially hard temperature), with a strength lambda that grows over training
+  (`ctkd_lambda`). Distil with `kd_loss(..., temperature=T)`: the loss's T^2 factor is
+  differentiated too, as in the authors' code.
+
+  The authors' code: theta is initialised to 1 (`nn.Parameter(torch.ones(1))`, so T starts at
+  1 + 20 sigmoid(1) = 15.62), t_start = 1 and t_range = 20 (`--t_start 1 --t_end 20`; despite
+  its name t_end is the range: T lies in (1, 21)); the student's loss is
+  0.1 CE + 0.9 T^2 KL on CIFAR-100 (`-r 0.1 -a 0.9`, scripts/run_cifar_distill.sh) and
+  1 CE + 1 T^2 KL on ImageNet (`-r 1 -a 1`, scripts/run_imagenet_distill.sh). Their gradient
+  reversal multiplies the gradient by their schedule's value, which runs from 0 down to -1; here
+  lambda is its magnitude, from 0 up to 1, and the layer negates it.
+
+  Args:
+    raw_temperature_param: theta, the trainable scalar (or array, one temperature each).
+    lambda_: the reversal strength lambda >= 0 (`ctkd_lambda`), a number or a traced scalar.
+    t_start: the lowest temperature, > 0.
+    t_range: the temperatures' range, >= 0: T lies in (t_start, t_start + t_range).
+
+  Returns:
+    T, the shape of `raw_temperature_param`.
+  """
+  _checks.check_range("lambda_", lambda_, low=0.0)
+  _checks.check_range("t_start", t_start, low=0.0, low_inclusive=False)
+  _checks.check_range("t_range", t_range, low=0.0)
+  reversed_param = gradient_reversal(_as_float(raw_temperature_param), lambda_)
+  return _as_float(t_start) + _as_float(t_range) * jax.nn.sigmoid(reversed_param)
+
+
+def ctkd_lambda(step, total_steps: int, *, max_value: Scalar = 1.0,
+                min_value: Scalar = 0.0) -> Array:
+  """CTKD's curriculum for the gradient-reversal strength (Li et al., AAAI 2023,
+  arXiv 2211.16231; code zhengli97/CTKD, `CosineDecay` in `train_student.py`), a cosine ramp:
+
+    lambda(step) = min_value + (max_value - min_value) (1 - cos(pi min(max(step, 0), N) / N)) / 2,
+
+  N = `total_steps`: lambda rises from min_value at step 0 to max_value at step N and stays there.
+
+  The authors' code evaluates it once per epoch, at the 1-based epoch number (so the first epoch
+  already has lambda = (1 - cos(pi / N)) / 2), with N = `--decay_loops` = 10 epochs on CIFAR-100
+  (of 240) and 5 on ImageNet (of 120), and values running from 0 to -1 (`--decay_max 0
+  --decay_min -1`) that multiply the gradient; in this function's terms (magnitudes, the layer
+  negates) min_value = 0 and max_value = 1. For their schedule pass step = epoch (1-based) and
+  total_steps = 10; a per-step ramp over the same span is step = optimiser step and
+  total_steps = 10 * steps_per_epoch.
+
+  Args:
+    step: the step (or epoch), a number or a traced integer; clipped to [0, total_steps].
+    total_steps: N, the ramp's length in the same unit, an integer >= 1.
+    max_value: lambda from step N on (>= 0).
+    min_value: lambda at step 0 (>= 0).
+
+  Returns:
+    lambda, a float32 scalar (or the shape of `step`).
+  """
+  _checks.check_int("total_steps", total_steps, low=1)
+  _checks.check_range("max_value", max_value, low=0.0)
+  _checks.check_range("min_value", min_value, low=0.0)
+  progress = jnp.clip(_as_float(step), 0.0, float(total_steps)) / float(total_steps)
+  min_value = _as_float(min_value)
+  return min_value + (_as_float(max_value) - min_value) * 0.5 * (1.0 - jnp.cos(jnp.pi * progress))
+
+
+# ------------------------------------------------------------------------------------------------
+# Attention transfer.
+
+# F.normalize's default: a map is divided by max(|a|_2, 1e-12).
+_ATTENTION_NORM_EPS = 1e-12
+
+
+def attention_map(features, *, p: Scalar = 2) -> Array:
+  """Activation-based spatial attention map (Zagoruyko and Komodakis, ICLR 2017, "Paying More
+  Attention to Attention", arXiv 1612.03928; code szagoruyko/attention-transfer, `utils.py`):
+
+    Q(x) = mean over channels of |f(x)|^p,  flattened over the H x W positions,
+    a(x) = Q(x) / max(|Q(x)|_2, 1e-12),
+
+  the channel mean of the p-th power of a [..., H, W, C] feature map (channels last, as in
+  Flax), L2-normalised per example (the 1e-12 is `F.normalize`'s). The authors' code fixes p = 2;
+  the paper also studies p = 1 and 4.
+
+  Args:
+    features: [..., H, W, C] feature maps.
+    p: the power p >= 1 (a number, or a traced scalar).
+
+  Returns:
+    The normalised attention maps, shape [..., H * W].
+  """
+  _checks.check_range("p", p, low=1.0)
+  features = _as_float(features)
+  if features.ndim < 3:
+    raise ValueError(f"attention_map needs [..., H, W, C] features, got shape {features.shape}")
+  if _checks.is_static_number(p) and float(p) == 2.0:
+    powered = jnp.square(features)
+  else:
+    powered = jnp.abs(features) ** _as_float(p)
+  q = jnp.mean(powered, axis=-1)
+  q = q.reshape(q.shape[:-2] + (-1,))
+  norm = _safe_sqrt(jnp.sum(jnp.square(q), axis=-1, keepdims=True))
+  return q / jnp.maximum(norm, _ATTENTION_NORM_EPS)
+
+
+def attention_transfer_loss(student_features, teacher_features, *, p: Scalar = 2) -> Array:
+  """Attention transfer loss (AT; Zagoruyko and Komodakis, ICLR 2017, arXiv 1612.03928; code
+  szagoruyko/attention-transfer, `utils.py`), per example:
+
+    L = mean over the H x W positions of (a_s - a_t)^2,   a = `attention_map`(f, p),
+
+  for one pair of [..., H, W, C] feature maps; the channel counts may differ (the maps average
+  over channels), the spatial sizes must match. The teacher gets no gradient.
+
+  The authors' code (`at_loss`) takes this mean over positions and the batch, sums it over the
+  matched layer groups (3 on CIFAR, 4 on ImageNet) and adds beta times that sum to the
+  cross-entropy/KD loss with beta = 1e3 (`--beta 1e+3` in the README's CIFAR and ImageNet
+  commands); the paper writes beta/2 times a norm, but the code has neither the 1/2 nor the norm.
+  (Run on several GPUs, their per-GPU means are summed, not averaged.) The caller reduces over the
+  batch and applies beta.
+
+  Args:
+    student_features: [..., H, W, C_s] student feature maps.
+    teacher_features: [..., H, W, C_t] teacher feature maps (no gradient flows to them), same
+      leading and spatial shape.
+    p: the power p >= 1 of `attention_map`.
+
+  Returns:
+    The loss per example, shape `student_features.shape[:-3]`.
+  """
+  s_shape, t_shape = tuple(np.shape(student_features)), tuple(np.shape(teacher_features))
+  if len(s_shape) < 3 or s_shape[:-1] != t_shape[:-1]:
+    raise ValueError(f"student_features and teacher_features must be [..., H, W, C] with the same "
+                     f"[..., H, W] (channels may differ), got {s_shape} and {t_shape}")
+  a_s = attention_map(student_features, p=p)
+  a_t = attention_map(jax.lax.stop_gradient(teacher_features), p=p)
+  return jnp.mean(jnp.square(a_s - a_t), axis=-1)
