@@ -96,7 +96,7 @@ def swap_correct_logits(teacher_logits, labels) -> Array:
   commutes with a permutation of the classes, so swapping the logits is swapping the probabilities
   of p^T for every T; the multiset of logits (and the teacher's entropy) is preserved. (Swapped
   Logit Distillation, Limantoro et al. 2025, arXiv 2504.20108, applies the same swap to the
-  teacher's logits.) No reference code was published by Wen et al.
+  teacher's logits.) No code release by Wen et al. was found.
 
   Ties: a is the first maximal index (jnp.argmax). When the target class ties for the maximum but
   is not the first maximal index, the two swapped logits are equal: the values are unchanged and
