@@ -57,7 +57,7 @@ def _study(args, execution: str) -> study_lib.Study:
   config = study_lib.load_config(str(ROOT / "configs" / "default.py"))
   config.arms, config.num_seeds, config.num_teachers = args.arms, args.seeds, args.num_teachers
   config.stages, config.execution, config.replicas_per_block = "students", execution, 1
-  return study_lib.resolve(config)
+  return study_lib.load_data(study_lib.resolve(config))
 
 
 def _step_setup(engine: Engine, study) -> tuple:
@@ -105,7 +105,7 @@ def _model_study(model: str, replicas: int, dataset: str, batch: int, execution:
   config.model, config.dataset, config.batch_size = model, dataset, batch
   config.num_teachers, config.stages = replicas, "teacher"
   config.execution, config.replicas_per_block = execution, 1
-  return study_lib.resolve(config)
+  return study_lib.load_data(study_lib.resolve(config))
 
 
 def _program_costs(model: str, replicas: int, dataset: str, batch: int, execution: str) -> dict:

@@ -162,7 +162,7 @@ def _stage_engine(stage: str, replicas: int, execution: str, rows: int, batch: i
     config.num_teachers = replicas
   else:
     config.num_seeds = max(1, replicas // 3)
-  study = study_lib.resolve(config)
+  study = study_lib.load_data(study_lib.resolve(config))
   engine = Engine(study, study.stage(stage).groups[0])
   teachers = None
   if stage == "students":

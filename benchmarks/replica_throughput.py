@@ -80,7 +80,7 @@ def _study(args, replicas: int, dataset: str) -> study_lib.Study:
   config.stages = "teacher"
   config.steps_per_call = args.steps_per_call
   config.compute_dtype = args.compute_dtype
-  return study_lib.resolve(config)
+  return study_lib.load_data(study_lib.resolve(config))
 
 
 def _time(run_steps, steps: int) -> float:

@@ -164,10 +164,6 @@ def steps_per_call(execution: str, requested: int) -> int:
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
-def compute_dtype(config) -> str:
-  return str(config.get("compute_dtype", "float32"))
-
-
 def with_dtype(module, dtype: str):
   """`module` computing in `dtype` (every kdjax model has a `dtype` field; parameters stay
   float32, logits are cast to float32)."""
@@ -210,7 +206,8 @@ class Engine:
     self.spec = study.dataset
     # `config.compute_dtype`: the models compute in it (parameters, BatchNorm statistics and
     # logits stay float32; the losses upcast), teachers' forward passes too.
-    self.compute_dtype = compute_dtype(self.config)
+    self.run = study.run
+    self.compute_dtype = self.run.compute_dtype
     self.module = with_dtype(group.module(self.spec.num_classes), self.compute_dtype)
     self.teacher_module = None if group.teacher_model is None else with_dtype(
         group.teacher_model.module(self.spec.num_classes), self.compute_dtype)
@@ -225,7 +222,7 @@ class Engine:
     self.kind_codes = np.array([arms_lib.LOSS_KINDS.index(a.loss) for a in self.arms], np.int32)
     self.signal_codes = np.array([arms_lib.TEACHER_SIGNALS.index(a.teacher_signal)
                                   for a in self.arms], np.int32)
-    self.execution = backend_execution(self.config.execution)
+    self.execution = backend_execution(self.run.execution)
     # `mesh` (a ('replica', 'data') Mesh) overrides the study's mesh for this group over
     # `devices` (default: every process's devices): `config.mesh`, or one that fits the group.
     if mesh is None:
@@ -255,14 +252,13 @@ class Engine:
     steps_per_program = local * group.total_steps / len(self._pairs)
     self.replicas_per_block = block_size(
         self.execution, local,
-        int(self.config.get("replicas_per_block", 0)),
+        self.run.replicas_per_block,
         replica_steps_per_program=steps_per_program)
     self._blocks = block_layout(self.num_replicas // self.replica_shards,
                                 self.replicas_per_block)
     self._step_inputs = compilation.jit(self._make_step_inputs)
     # Training steps per jitted call (`train_steps`): K under 'vmap' (one block), else 1.
-    self.steps_per_call = steps_per_call(self.execution,
-                                         int(self.config.get("steps_per_call", 1)))
+    self.steps_per_call = steps_per_call(self.execution, self.run.steps_per_call)
     self._programs: dict = {}  # (what, pattern) -> jitted block program
     # Each block's (offset, start) as device scalars (traced: one program per pattern).
     self._block_args = [jax.device_put((np.int32(o), np.int32(s)), self.replicated)
@@ -270,7 +266,7 @@ class Engine:
     self._train_patterns = [self._block_pattern(o, arms=True) for o, _ in self._blocks]
     self._predict_patterns = [self._block_pattern(o, arms=False) for o, _ in self._blocks]
     self.epoch_order = compilation.jit(functools.partial(
-        data_lib.epoch_order, shared_order=bool(self.config.shared_order)),
+        data_lib.epoch_order, shared_order=self.run.shared_order),
         static_argnums=(2,))
 
   # ---------------------------------------------------------------- state
@@ -278,7 +274,7 @@ class Engine:
   def init_state(self) -> TrainState:
     """Fresh replicas: each from its `init` stream (a student initialised from its teacher uses
     the teacher's stream, so it starts from exactly the teacher's initial parameters)."""
-    seed = int(self.config.seed)
+    seed = self.run.seed
     init_keys = replicas_lib.stream_keys(seed, self.group.replicas, "init",
                                          teachers=self.study.teacher.replicas)
     keys = {s: replicas_lib.stream_keys(seed, self.group.replicas, s) for s in TRAIN_STREAMS}
@@ -533,7 +529,7 @@ class Engine:
     augmentation), a zeroed metrics buffer [R] and the next step number."""
     batch = data_lib.train_batch(
         arrays, self.spec, state.keys["augment"], state.step,
-        batch_size=int(self.config.batch_size), order=order,
+        batch_size=self.run.batch_size, order=order,
         augment_preset=tuple(r.augment for r in self.group.replicas))
     metrics = {name: jnp.zeros((self.num_replicas,), jnp.float32)
                for name in ("loss", "accuracy")}

@@ -127,36 +127,16 @@ def validate(config, workdir: str, num_devices: int | None = None):
 
 
 def resolve(config, num_devices: int | None = None):
-  """kdjax.study.resolve for this run's `num_devices` (default: all). A study whose groups do
-  not fit the mesh there is still resolved when only the analysis runs (it lays out its own
-  mesh, as a workstation must for a pod's workdir); for training the ConfigError's message
-  gains the meshes that would fit (`kdjax.distributed.fitting_meshes`)."""
-  from kdjax import distributed  # pylint: disable=g-import-not-at-top
+  """The study of `config` as a run uses it: resolved (`kdjax.study.resolve`), laid out on this
+  run's `num_devices` (default: all; `kdjax.study.fit_devices`, whose MeshError names the meshes
+  that fit) when it trains, and with its data (`kdjax.study.load_data`). A study that only runs
+  the analysis is not fitted here: the analysis lays out its own mesh, as a workstation must for
+  a pod's workdir."""
   from kdjax import study as study_lib  # pylint: disable=g-import-not-at-top
-  try:
-    return study_lib.resolve(config, num_devices=num_devices)
-  except study_lib.ConfigError as error:
-    one_device = config.copy_and_resolve_references()
-    with one_device.unlocked():
-      one_device.mesh = {"replica": 1, "data": 1}
-    try:
-      study = study_lib.resolve(one_device, num_devices=1)
-    except study_lib.ConfigError:
-      raise error from None  # not a question of devices
-    if not set(study.stages) & {"teacher", "students"}:
-      return study
-    import jax  # pylint: disable=g-import-not-at-top
-    devices = jax.device_count() if num_devices is None else int(num_devices)
-    sizes = [len(g.replicas) for stage in (study.teacher, study.students) for g in stage.groups]
-    fits = distributed.fitting_meshes(sizes, devices, (config.batch_size, config.eval_batch_size))
-    if fits:
-      allowed = " or ".join(f"--config.mesh.replica={r} --config.mesh.data={d}" for r, d in fits)
-      hint = f"; meshes that fit the {devices} devices: {allowed}"
-    else:
-      hint = (f"; no mesh of the {devices} devices fits: mesh.replica must divide every group's "
-              f"replica count ({', '.join(map(str, sorted(set(sizes))))}) and mesh.data "
-              "batch_size and eval_batch_size")
-    raise study_lib.ConfigError(error.key, str(error).split(": ", 1)[1] + hint) from None
+  study = study_lib.resolve(config)
+  if set(study.stages) & {"teacher", "students"}:
+    study = study_lib.fit_devices(study, num_devices)
+  return study_lib.load_data(study)
 
 
 class _KdjaxRecords(logging.Filter):

@@ -1,15 +1,28 @@
-"""A study config, validated and resolved into what the stages run.
+"""A study config, validated and resolved into what the stages run, in three steps.
 
-`resolve(config)` checks every key before any work is done and raises `ConfigError` naming the key
-and what is allowed (the CLI turns it into one line on stderr and exit code 2); it returns a
-`Study`: the dataset spec, the two training stages with their models and replica tables, and the
-step counts.
+  study = resolve(config)                # every key checked and typed; no devices, no data
+  study = fit_devices(study, num_devices)  # the mesh of each group; MeshError says what fits
+  study = load_data(study)               # the train and test splits, checked
+
+`resolve` raises `ConfigError` naming the key and what is allowed (the CLI turns it into one line
+on stderr and exit code 2); it returns a `Study`: the dataset spec and split sizes, the two
+training stages with their models and replica tables, the loss options, and the typed run
+settings (`RunSettings`). It reads the dataset once to count its examples (the steps per epoch
+depend on them) through `_splits`, which keeps the last dataset's arrays, so `load_data` and a
+sweep's repeated resolves do not read it again.
+
+`fit_devices` is the only step that knows the devices: it checks that each group's replicas and
+batches divide over the mesh (`config.mesh`, or per group `auto_mesh`) and raises `MeshError`, a
+ConfigError carrying the meshes that would fit (`fits`). `load_data` checks the splits (shapes,
+labels, finite inputs); the stages that read data call it (kdjax.main before anything is written,
+kdjax.train and kdjax.analysis when they are called directly).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import numbers
+import os
 from typing import Any
 
 import jax
@@ -20,6 +33,7 @@ from kdjax import _checks
 from kdjax import arms as arms_lib
 from kdjax import configfile
 from kdjax import data as data_lib
+from kdjax import distributed
 from kdjax import models as models_lib
 from kdjax import optim
 from kdjax import replicas as replicas_lib
@@ -35,6 +49,35 @@ class ConfigError(ValueError):
   def __init__(self, key: str, message: str):
     super().__init__(f"--config.{key}: {message}")
     self.key = key
+    self.message = message
+
+
+class MeshError(ConfigError):
+  """A study that does not fit the devices (`fit_devices`): `fits` lists the (replica, data)
+  meshes over the same devices on which it would, largest replica axis first (empty: none)."""
+
+  def __init__(self, key: str, message: str, fits: list[tuple[int, int]]):
+    super().__init__(key, message)
+    self.fits = fits
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+  """How a study runs, not what it studies: the run keys of the config, typed once by `resolve`
+  (README, "Writing a config"). `steps_per_call` 0 and `replicas_per_block` 0 mean "choose"
+  (kdjax.engine); configs written before a key existed get the value they ran with."""
+  seed: int
+  batch_size: int
+  eval_batch_size: int
+  eval_every_steps: int
+  log_every_steps: int
+  checkpoint_every_steps: int
+  keep_checkpoints: int
+  execution: str
+  replicas_per_block: int = 0
+  steps_per_call: int = 1
+  compute_dtype: str = "float32"
+  shared_order: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +163,8 @@ _TEACHER_ARM = arms_lib.Arm("teacher", "none", "ce", "fresh", "a teacher trained
 
 @dataclasses.dataclass(frozen=True)
 class Study:
+  """A resolved study (module docstring): what `resolve` makes of a config, then laid out on
+  devices (`fit_devices`) and given its data (`load_data`)."""
   config: Any
   dataset: data_lib.DatasetSpec
   num_train: int
@@ -129,25 +174,36 @@ class Study:
   teacher: Stage
   students: Stage
   loss_options: arms_lib.LossOptions
-  # (replica, data) sizes of the device mesh that `config.mesh` sets (`mesh_shape`): replicas
-  # are sharded over 'replica', each replica's batch over 'data'. None: the default mesh, laid
-  # out per group (`group_mesh`).
-  mesh: tuple[int, int] | None = (1, 1)
-  # The loaded splits {"train": arrays, "test": arrays}, loaded once while validating.
+  run: RunSettings
+  # The mesh `config.mesh` asks for, {"replica": r, "data": d} with -1 filling the devices the
+  # other axis leaves (`mesh_shape`); None: the default, each group laid out by `auto_mesh`.
+  mesh_request: dict[str, int] | None = None
+  # Set by `fit_devices`: the devices the study is laid out on (None before: the engines then
+  # use every process's devices) and the (replica, data) shape of the requested mesh on them
+  # (None for the default mesh, which is per group: `group_mesh`).
+  num_devices: int | None = None
+  mesh: tuple[int, int] | None = None
+  # The loaded splits {"train": arrays, "test": arrays} once `load_data` ran.
   data: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
-  num_devices: int = 1  # the devices the study was resolved for
 
   def stage(self, name: str) -> Stage:
     return {"teacher": self.teacher, "students": self.students}[name]
 
   def group_mesh(self, group: Group, num_devices: int | None = None) -> tuple[int, int]:
-    """(replica, data) of the mesh `group` trains on over `num_devices` devices (default: the
-    study's): `config.mesh` when it is set, else `auto_mesh` for the group."""
-    num_devices = self.num_devices if num_devices is None else int(num_devices)
-    if self.mesh is None:  # resolve leaves it None exactly for the default mesh
+    """(replica, data) of the mesh `group` trains on over `num_devices` devices (default: those
+    the study was fitted to, else every device): `config.mesh` when it is set, else
+    `auto_mesh` for the group."""
+    if num_devices is None:
+      num_devices = jax.device_count() if self.num_devices is None else self.num_devices
+    num_devices = int(num_devices)
+    if self.mesh_request is None:
       return auto_mesh(len(group.replicas), num_devices,
-                       (int(self.config.batch_size), int(self.config.eval_batch_size)))
-    return mesh_shape(self.config.get("mesh"), num_devices)
+                       (self.run.batch_size, self.run.eval_batch_size))
+    return mesh_shape(self.mesh_request, num_devices)
+
+  def groups(self) -> tuple[Group, ...]:
+    """Every group of both training stages, teachers first."""
+    return self.teacher.groups + self.students.groups
 
 
 def load_config(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
@@ -280,12 +336,9 @@ def _models(config, key: str, kwargs_key: str, grid_key: str, num_classes: int):
   return specs
 
 
-def resolve(config, *, num_devices: int | None = None) -> Study:
-  """Validates `config` and resolves it into a Study; raises ConfigError on the first bad key.
-
-  `num_devices`: the devices the study will run on (default `jax.device_count()`, all
-  processes' devices; launch/sweep.py passes a target machine's count).
-  """
+def resolve(config) -> Study:
+  """Validates `config` and resolves it into a Study (module docstring), without devices and
+  without holding data; raises ConfigError on the first bad key."""
   stages = _names_or_error(lambda: replicas_lib.parse_names(
       "stages", _get(config, "stages"), ALL_STAGES), "stages")
   arm_names = _names_or_error(lambda: replicas_lib.parse_names(
@@ -342,7 +395,7 @@ def resolve(config, *, num_devices: int | None = None) -> Study:
   options, dkd_warmup_epochs = _loss_options(config)
   analyses = ()
   if config.get("analyses", ""):
-    from kdjax.analysis import sections  # pylint: disable=g-import-not-at-top  (import cycle)
+    from kdjax.analysis import sections  # pylint: disable=g-import-not-at-top  (a name table)
     analyses = _names_or_error(lambda: replicas_lib.parse_names(
         "analyses", config.analyses, sections.available()), "analyses")
 
@@ -353,10 +406,6 @@ def resolve(config, *, num_devices: int | None = None) -> Study:
     except ValueError as e:
       raise ConfigError("analysis_options.equivalence_margins", str(e)) from None
 
-  if "analysis_options" in config:  # the analysis' own options, read when it runs
-    from kdjax.analysis import statistics  # pylint: disable=g-import-not-at-top  (import cycle)
-    _names_or_error(lambda: statistics.equivalence_margins(config),
-                    "analysis_options.equivalence_margins")
 
   name = _get(config, "dataset")
   data_dir = _get(config, "data_dir") or None
@@ -372,13 +421,11 @@ def resolve(config, *, num_devices: int | None = None) -> Study:
     if set(replicas_lib.teacher_augments(config) if key == "teacher_augment" else
            (config.augment,)) != {"none"} and spec.modality != "image":
       raise ConfigError(key, f"must be 'none' for {spec.modality} data ({name})")
-  try:
-    train = data_lib.load(name, "train", data_dir=data_dir)
-    test = data_lib.load(name, "test", data_dir=data_dir)
-  except ValueError as e:  # includes DatasetNotAvailableError
-    raise ConfigError("dataset", str(e)) from None
-  _check_splits(name, spec, {"train": train, "test": test})
-  num_train = len(train["label"])
+  num_train, num_eval = (len(_splits(name, data_dir)[split]["label"])
+                         for split in ("train", "test"))
+  if not num_train:
+    raise ConfigError("dataset", f"the train split of {name} has no examples; train and test "
+                      "need at least one each")
   if batch_size > num_train:
     raise ConfigError("batch_size", f"must be at most the {num_train} training examples")
 
@@ -408,42 +455,115 @@ def resolve(config, *, num_devices: int | None = None) -> Study:
     for group in students.groups:
       if group.teacher_model is not None:
         _check_hint(config, group.model, group.teacher_model, spec)
+  return Study(
+      config=config, dataset=spec, num_train=num_train, num_eval=num_eval, stages=stages,
+      analyses=analyses, teacher=teacher, students=students, loss_options=options,
+      run=_run_settings(config), mesh_request=_mesh_request(config.get("mesh")))
+
+
+def _run_settings(config) -> RunSettings:
+  """The run keys, typed (their ranges were checked by `resolve`); keys absent from configs
+  written before them get the value those configs ran with."""
+  return RunSettings(
+      seed=int(config.seed), batch_size=int(config.batch_size),
+      eval_batch_size=int(config.eval_batch_size),
+      eval_every_steps=int(config.eval_every_steps),
+      log_every_steps=int(config.log_every_steps),
+      checkpoint_every_steps=int(config.checkpoint_every_steps),
+      keep_checkpoints=int(config.keep_checkpoints), execution=str(config.execution),
+      replicas_per_block=int(config.get("replicas_per_block", 0)),
+      steps_per_call=int(config.get("steps_per_call", 1)),
+      compute_dtype=str(config.get("compute_dtype", "float32")),
+      shared_order=bool(config.get("shared_order", False)))
+
+
+def fit_devices(study: Study, num_devices: int | None = None) -> Study:
+  """`study` laid out on `num_devices` devices (default `jax.device_count()`, all processes'
+  devices; launch/sweep.py passes a target machine's count). Raises MeshError, naming the key to
+  change and listing the meshes that fit (`kdjax.distributed.fitting_meshes`), when a group's
+  replicas do not divide over the mesh's replica axis, a batch size over its data axis, or
+  `config.mesh` does not cover the devices; with the default mesh, only when several processes
+  would leave devices out of a group's mesh."""
   num_devices = jax.device_count() if num_devices is None else int(num_devices)
-  if is_auto_mesh(config.get("mesh")):
+  groups = [(stage, group) for stage in (study.teacher, study.students)
+            for group in stage.groups]
+  batch_sizes = (study.run.batch_size, study.run.eval_batch_size)
+  sizes = [len(g.replicas) for _, g in groups]
+
+  def fail(key: str, message: str):
+    fits = distributed.fitting_meshes(sizes, num_devices, batch_sizes)
+    if fits:
+      allowed = " or ".join(f"--config.mesh.replica={r} --config.mesh.data={d}" for r, d in fits)
+      hint = f"; meshes that fit the {num_devices} devices: {allowed}"
+    else:
+      hint = (f"; no mesh of the {num_devices} devices fits: mesh.replica must divide every "
+              f"group's replica count ({', '.join(map(str, sorted(set(sizes))))}) and mesh.data "
+              "batch_size and eval_batch_size")
+    return MeshError(key, message + hint, fits)
+
+  if study.mesh_request is None:
     # Each group gets the mesh that fits it (`auto_mesh`). Several processes must all hold
     # devices of every mesh, so there no group may leave devices out.
-    for stage in (teacher, students):
-      for group in stage.groups:
-        replica, data = auto_mesh(len(group.replicas), num_devices,
-                                  (batch_size, int(config.eval_batch_size)))
-        if replica * data < num_devices and jax.process_count() > 1:
-          raise ConfigError("mesh", f"the {stage.name} stage's {group.model.label} group fits "
-                            f"only {replica * data} of the {num_devices} devices (its "
-                            f"{len(group.replicas)} replicas and the batch sizes do not divide "
-                            "over more); set --config.mesh.replica and --config.mesh.data")
-    return Study(
-        config=config, dataset=spec, num_train=num_train, num_eval=len(test["label"]),
-        stages=stages, analyses=analyses, data={"train": train, "test": test},
-        teacher=teacher, students=students, loss_options=options, mesh=None,
-        num_devices=num_devices)
-  mesh = mesh_shape(config.get("mesh"), num_devices)
-  for key in ("batch_size", "eval_batch_size"):
-    if int(config[key]) % mesh[1]:
-      raise ConfigError(key, f"must be a multiple of mesh.data={mesh[1]} (each replica's batch "
-                        f"is split over the data axis); got {config[key]}")
-  for stage in (teacher, students):
-    for group in stage.groups:
-      if len(group.replicas) % mesh[0]:
-        raise ConfigError("num_seeds" if stage.name == "students" else "num_teachers",
-                          f"the {stage.name} stage's {group.model.label} group has "
-                          f"{len(group.replicas)} replicas, which do not divide over the "
-                          f"{mesh[0]} replica shards of the mesh ({_mesh_text(mesh)}); make the "
-                          f"count a multiple of {mesh[0]} or change mesh.replica/mesh.data")
-  return Study(
-      config=config, dataset=spec, num_train=num_train, num_eval=len(test["label"]),
-      stages=stages, analyses=analyses, data={"train": train, "test": test},
-      teacher=teacher, students=students, loss_options=options, mesh=mesh,
-      num_devices=num_devices)
+    for stage, group in groups:
+      replica, data = auto_mesh(len(group.replicas), num_devices, batch_sizes)
+      if replica * data < num_devices and jax.process_count() > 1:
+        raise fail("mesh", f"the {stage.name} stage's {group.model.label} group fits only "
+                   f"{replica * data} of the {num_devices} devices (its {len(group.replicas)} "
+                   "replicas and the batch sizes do not divide over more); set "
+                   "--config.mesh.replica and --config.mesh.data")
+    return dataclasses.replace(study, num_devices=num_devices)
+  try:
+    mesh = mesh_shape(study.mesh_request, num_devices)
+  except ConfigError as e:
+    raise fail(e.key, e.message) from None
+  for key, size in zip(("batch_size", "eval_batch_size"), batch_sizes):
+    if size % mesh[1]:
+      raise fail(key, f"must be a multiple of mesh.data={mesh[1]} (each replica's batch is "
+                 f"split over the data axis); got {size}")
+  for stage, group in groups:
+    if len(group.replicas) % mesh[0]:
+      raise fail("num_seeds" if stage.name == "students" else "num_teachers",
+                 f"the {stage.name} stage's {group.model.label} group has "
+                 f"{len(group.replicas)} replicas, which do not divide over the {mesh[0]} "
+                 f"replica shards of the mesh ({_mesh_text(mesh)}); make the count a multiple "
+                 f"of {mesh[0]} or change mesh.replica/mesh.data")
+  return dataclasses.replace(study, num_devices=num_devices, mesh=mesh)
+
+
+def load_data(study: Study) -> Study:
+  """`study` with its train and test splits (`Study.data`), checked (`_check_splits`): the
+  data step of the stages that read data. A no-op when they are loaded."""
+  if study.data:
+    return study
+  name, data_dir = study.dataset.name, study.config.get("data_dir") or None
+  splits = _splits(name, data_dir)
+  _check_splits(name, study.dataset, splits)
+  return dataclasses.replace(study, data=dict(splits))
+
+
+_LOADED: dict = {}  # the last dataset's splits: {(name, data_dir, file stamp): splits}
+
+
+def _splits(name: str, data_dir: str | None) -> dict:
+  """{"train", "test"} arrays of a dataset, read once per process for the last dataset asked
+  for (`resolve` counts them, `load_data` returns them). ConfigError('dataset') when they
+  cannot be read. A file-backed dataset (npz:PATH, image_folder:PATH) is read again when its
+  file changes."""
+  path = name.partition(":")[2] if name.startswith(("npz:", "image_folder:")) else ""
+  try:
+    stamp = os.stat(path).st_mtime_ns if path else None
+  except OSError:
+    stamp = None
+  key = (name, data_dir, stamp)
+  if key not in _LOADED:
+    try:
+      splits = {split: data_lib.load(name, split, data_dir=data_dir)
+                for split in ("train", "test")}
+    except ValueError as e:  # includes DatasetNotAvailableError
+      raise ConfigError("dataset", str(e)) from None
+    _LOADED.clear()
+    _LOADED[key] = splits
+  return _LOADED[key]
 
 
 MESH_AXES = ("replica", "data")
@@ -473,12 +593,13 @@ def auto_mesh(group_size: int, num_devices: int,
   return replica, data
 
 
-def mesh_shape(mesh, num_devices: int) -> tuple[int, int]:
-  """(replica, data) axis sizes of the device mesh that `mesh` ({"replica": r, "data": d})
-  asks for on `num_devices` devices; -1 (or 0) fills the devices the other axis leaves. The
-  sizes must multiply to `num_devices`. Raises ConfigError naming mesh.replica or mesh.data.
-  (A mesh with both axes 0, the default, is laid out per group: `auto_mesh`.)"""
-  mesh = {"replica": -1, "data": 1} if mesh is None or is_auto_mesh(mesh) else dict(mesh)
+def _mesh_request(mesh) -> dict[str, int] | None:
+  """The mesh `config.mesh` asks for as {"replica": r, "data": d}, each an integer >= 1 or -1
+  (fill the devices the other axis leaves; 0 is -1), or None for the default (both 0, laid out
+  per group: `auto_mesh`). Raises ConfigError naming mesh.replica or mesh.data."""
+  if mesh is None or is_auto_mesh(mesh):
+    return None
+  mesh = dict(mesh)
   unknown = sorted(set(mesh) - set(MESH_AXES))
   if unknown:
     raise ConfigError(f"mesh.{unknown[0]}", f"is not a mesh axis; the axes are "
@@ -490,11 +611,20 @@ def mesh_shape(mesh, num_devices: int) -> tuple[int, int]:
       raise ConfigError(f"mesh.{axis}", f"must be an integer >= 1, or -1 or 0 (fill the "
                         f"devices; both 0: kdjax lays out each group); got {value!r}")
     sizes[axis] = -1 if value == 0 else int(value)
-  replica, data = sizes["replica"], sizes["data"]
-  if replica == -1 and data == -1:
+  if sizes["replica"] == -1 and sizes["data"] == -1:
     raise ConfigError("mesh.data", "at most one of mesh.replica and mesh.data may be -1 (or "
                       "leave both at 0 for kdjax's layout)")
-  for axis, other in (("replica", data), ("data", replica)):
+  return sizes
+
+
+def mesh_shape(mesh, num_devices: int) -> tuple[int, int]:
+  """(replica, data) axis sizes of the device mesh that `mesh` ({"replica": r, "data": d})
+  asks for on `num_devices` devices; -1 (or 0) fills the devices the other axis leaves. The
+  sizes must multiply to `num_devices`. Raises ConfigError naming mesh.replica or mesh.data.
+  (A mesh with both axes 0, the default, is laid out per group: `auto_mesh`; here it is one
+  replica axis over every device.)"""
+  sizes = _mesh_request(mesh) or {"replica": -1, "data": 1}
+  for axis, other in (("replica", sizes["data"]), ("data", sizes["replica"])):
     if sizes[axis] == -1:
       if num_devices % other:
         blamed = "data" if axis == "replica" else "replica"
@@ -502,7 +632,8 @@ def mesh_shape(mesh, num_devices: int) -> tuple[int, int]:
       sizes[axis] = num_devices // other
   replica, data = sizes["replica"], sizes["data"]
   if replica * data != num_devices:
-    raise ConfigError("mesh.replica" if mesh.get("replica", -1) != -1 else "mesh.data",
+    asked = _mesh_request(mesh) or {}
+    raise ConfigError("mesh.replica" if asked.get("replica", -1) != -1 else "mesh.data",
                       f"mesh.replica x mesh.data = {replica} x {data} = {replica * data} must "
                       f"equal the {num_devices} devices (use -1 to fill)")
   return replica, data

@@ -38,6 +38,7 @@ from kdjax import metrics as metrics_lib
 from kdjax import preemption
 from kdjax import workdir as workdir_lib
 from kdjax.engine import Engine, Teachers, eval_batch_jit
+from kdjax import study as study_lib
 from kdjax.study import Study
 
 
@@ -51,11 +52,13 @@ def stage_dir(workdir: str, stage: str) -> str:
   return workdir_lib.join(workdir, stage)
 
 
-def checkpoints(workdir: str, stage: str, config=None, *, read_only: bool = False):
+def checkpoints(workdir: str, stage: str, run: study_lib.RunSettings | None = None, *,
+                read_only: bool = False):
+  """A stage's checkpoints; `run` gives the save interval and how many to keep (None: read)."""
   return checkpoint_lib.StageCheckpoints(
       workdir_lib.join(stage_dir(workdir, stage), "checkpoints"),
-      save_every_steps=None if config is None else int(config.checkpoint_every_steps),
-      keep=None if config is None else int(config.keep_checkpoints), read_only=read_only)
+      save_every_steps=None if run is None else run.checkpoint_every_steps,
+      keep=None if run is None else run.keep_checkpoints, read_only=read_only)
 
 
 def check_finished(study: Study, workdir: str, stage: str) -> None:
@@ -123,7 +126,8 @@ def _replica_tag(replica) -> str:
 
 
 def run_stage(study: Study, stage: str, workdir: str) -> None:
-  config = study.config
+  study = study_lib.load_data(study)  # the data step (kdjax.main has run it already)
+  run = study.run
   spec_stage = study.stage(stage)
   stage_engines = engines(study, stage)
   first = stage_engines[0]
@@ -141,7 +145,7 @@ def run_stage(study: Study, stage: str, workdir: str) -> None:
         relations = None
         if "fgcr" in engine.kinds:
           relations = class_relations(teacher_engines[engine.group.teacher_group], variables,
-                                      study.data["train"], int(config.eval_batch_size))
+                                      study.data["train"], run.eval_batch_size)
         teachers[engine.group.key] = jax.device_put(Teachers(
             variables=variables, class_relations=relations), engine.replicated)
     del teacher_states, teacher_engines, teacher_list
@@ -156,7 +160,7 @@ def run_stage(study: Study, stage: str, workdir: str) -> None:
   eval_arrays = {e.group.key: placed[e.mesh]["test"] for e in stage_engines}
   num_train = study.num_train
   total = spec_stage.total_steps
-  ckpt = checkpoints(workdir, stage, config)
+  ckpt = checkpoints(workdir, stage, run)
   metadata = checkpoint_lib.replica_metadata(
       stage, spec_stage.replicas, total_steps=total,
       groups=[{"key": g.key, "model": g.model.name, "model_kwargs": dict(g.model.kwargs),
@@ -184,7 +188,7 @@ def run_stage(study: Study, stage: str, workdir: str) -> None:
   models = ", ".join(f"{len(e.group.replicas)} of {e.group.model.label}" for e in stage_engines)
   meshes = {f"replica={e.mesh.shape['replica']} x data={e.mesh.shape['data']}"
             for e in stage_engines}
-  chosen = "" if study.mesh is not None else " (chosen per group: --config.mesh sets one)"
+  chosen = "" if study.mesh_request is not None else " (chosen per group: --config.mesh sets one)"
   where = "" if jax.device_count() == 1 else (
       f"; mesh {', '.join(sorted(meshes))}{chosen}" +
       (f" over {jax.process_count()} processes" if jax.process_count() > 1 else ""))
@@ -203,32 +207,30 @@ def run_stage(study: Study, stage: str, workdir: str) -> None:
   start_time, start_step = time.perf_counter(), step
   last_metrics = {}
   per_call = max(e.steps_per_call for e in stage_engines)
+  every = [run.log_every_steps, run.eval_every_steps, run.checkpoint_every_steps]
   with preemption.StopRequests() as stop:
     while step < total:
       if step // spec_stage.steps_per_epoch != epoch:
         for engine in stage_engines:
           epoch, orders[engine.group.key] = engine.order_for_step(states[engine.group.key],
                                                                   num_train)
-      n = steps_this_call(step, per_call, total, spec_stage.steps_per_epoch,
-                          [int(config[k]) for k in ("log_every_steps", "eval_every_steps",
-                                                    "checkpoint_every_steps")])
+      n = steps_this_call(step, per_call, total, spec_stage.steps_per_epoch, every)
       for engine in stage_engines:
         key = engine.group.key
         states[key], last_metrics[key] = engine.train_steps(
             states[key], orders[key], train_arrays[key], teachers.get(key), n)
       step += n
       stopping = stop.poll(step)  # the same answer in every process (kdjax.preemption)
-      if any(step % int(config[k]) == 0 for k in ("log_every_steps", "eval_every_steps",
-                                                  "checkpoint_every_steps")) \
+      if any(step % k == 0 for k in every) \
           or step == total or stopping:
         _note_divergence(spec_stage, stage_engines, states, metadata, step)
-      if step % int(config.log_every_steps) == 0 or step == total:
+      if step % run.log_every_steps == 0 or step == total:
         _progress(stage, step, total, start_time, start_step, _stage_metrics(
             spec_stage, stage_engines, last_metrics))
-      if step % int(config.eval_every_steps) == 0 or step == total:
+      if step % run.eval_every_steps == 0 or step == total:
         _evaluate(spec_stage, stage_engines, states, eval_arrays, step, tensorboard, console,
                   _stage_metrics(spec_stage, stage_engines, last_metrics), teacher_eval, curves)
-      if step % int(config.checkpoint_every_steps) == 0 or step == total:
+      if step % run.checkpoint_every_steps == 0 or step == total:
         ckpt.save(step, states, metadata, force=step == total)
       if stopping:  # SIGTERM/SIGINT: save this step and leave
         ckpt.save(step, states, metadata, force=True)
@@ -320,7 +322,7 @@ def _evaluate(stage, stage_engines, states, eval_arrays, step, tensorboard, cons
               train_metrics, teacher_eval=None, curves=None) -> None:
   """Eval of every replica (`eval_arrays`: {group key: the eval split on its mesh}), logged; with
   `teacher_eval` (students stage) also each student's CURVE_METRICS against its teacher."""
-  batch_size = int(stage_engines[0].config.eval_batch_size)
+  batch_size = stage_engines[0].study.run.eval_batch_size
   per_group = [_evaluate_group(e, states[e.group.key].variables(), eval_arrays[e.group.key],
                                batch_size, teacher_eval) for e in stage_engines]
   results = {name: stage_values(stage, stage_engines, [r[name] for r in per_group])
@@ -427,7 +429,7 @@ def _teacher_finished(study: Study, workdir: str) -> bool:
 def teacher_eval_logits(study: Study, teacher_engines, teacher_states) -> TeacherEval:
   """Every teacher's logits on the eval split, per padded eval batch (see TeacherEval)."""
   test = study.data["test"]
-  batch_size = int(study.config.eval_batch_size)
+  batch_size = study.run.eval_batch_size
   indices, masks = data_lib.eval_indices(len(test["label"]), batch_size)
   num_teachers = len(study.teacher.replicas)
   placed = {}

@@ -5,9 +5,9 @@
       [--run] [--config.KEY=VALUE ...]
 
 The config (with the `--config.KEY=VALUE` overrides) is resolved as `kdjax.main` resolves it
-(kdjax.study.resolve), but for N devices, the devices of the launch target: every grid point of
-a study becomes replicas of one compiled program, sharded over the mesh's 'replica' axis
-(config `mesh`). The grid fits one launch when it resolves on N devices (each group's replicas
+(kdjax.study.resolve, then kdjax.study.fit_devices), but for N devices, the devices of the launch
+target: every grid point of a study becomes replicas of one compiled program, sharded over the
+mesh's 'replica' axis (config `mesh`). The grid fits one launch when it resolves on N devices (each group's replicas
 divide over the replica axis, the batch over the data axis) and no training stage holds more
 than K replicas per device (summed over the stage's groups, whose states share the devices; K
 is the memory budget, found by running one launch; no limit by default). Otherwise the values
@@ -83,10 +83,12 @@ class Fit:
 def check_fit(config, devices: int, max_per_device: int | None) -> Fit:
   """Resolves `config` for `devices` devices and checks the replicas-per-device budget."""
   try:
-    study = study_lib.resolve(config, num_devices=devices)
+    study = study_lib.fit_devices(study_lib.resolve(config), devices)
+  except study_lib.MeshError as e:
+    # The students' count not dividing over the replica axis: fewer grid values may fit.
+    return Fit(str(e), e.key == "num_seeds", {})
   except study_lib.ConfigError as e:
-    # The students' count not dividing over the replica axis (kdjax.study.resolve).
-    return Fit(str(e), e.key == "num_seeds" and "replica shards" in str(e), {})
+    return Fit(str(e), False, {})
   load = load_per_device(study)
   if max_per_device is not None:
     for stage, count in load.items():

@@ -47,7 +47,7 @@ def _train_steps(steps: int = 3):
   distilled from an untrained teacher, all programs compiled by this call."""
   config = study_lib.load_config(str(ROOT / "configs" / "default.py"))
   config.num_seeds, config.stages = 1, "students"
-  study = study_lib.resolve(config)
+  study = study_lib.load_data(study_lib.resolve(config))
   teacher = Engine(study, study.teacher.groups[0])
   engine = Engine(study, study.students.groups[0])
   teachers = jax.device_put(Teachers(variables=teacher.init_state().variables()),
@@ -78,7 +78,7 @@ def test_the_optimisation_level_changes_no_result(monkeypatch):
 def _initial_params():
   config = study_lib.load_config(str(ROOT / "configs" / "default.py"))
   config.num_seeds, config.stages = 1, "students"
-  study = study_lib.resolve(config)
+  study = study_lib.load_data(study_lib.resolve(config))
   state = Engine(study, study.students.groups[0]).init_state()
   return [np.asarray(leaf) for leaf in jax.tree.leaves(state.params)]
 
@@ -98,7 +98,7 @@ def test_a_cached_run_gives_bitwise_the_results_of_an_uncached_one(tmp_path):
     runs[name] = sorted(os.listdir(cache))
   assert runs["cold"], "the first run wrote nothing to the cache"
   assert runs["warm"] == runs["cold"], "the second run compiled programs the first had cached"
-  study = study_lib.resolve(_cli_config())
+  study = study_lib.load_data(study_lib.resolve(_cli_config()))
   final = {name: {stage: train.load_final_state(study, str(tmp_path / name), stage)[1]
                   for stage in ("teacher", "students")} for name in ("cold", "warm", "off")}
   for name in ("warm", "off"):

@@ -258,7 +258,7 @@ def two_device_runs(two_device_jobs):
 
 @pytest.fixture(scope="module")
 def study():
-  return study_lib.resolve(_config())
+  return study_lib.load_data(study_lib.resolve(_config()))
 
 
 @pytest.fixture(scope="module")
@@ -339,7 +339,7 @@ def test_replica_alone_equals_the_same_replica_in_a_batch(study, teachers, stude
   end inside the kd,rcd,siddo stage: a replica is its identity, not its slot. On the way, the
   first step's losses show each replica's own signal: kd seed 1 distils from teacher 1, the two
   rcd seeds from their own noise."""
-  alone = study_lib.resolve(_config(arms="rcd,kd"))
+  alone = study_lib.load_data(study_lib.resolve(_config(arms="rcd,kd")))
   rows, batch_rows = _replica_rows(alone.students), _replica_rows(study.students)
   assert [(r.arm, r.seed) for r in study.students.replicas] == STUDENT_ROWS
   assert [(r.arm, r.seed, r.teacher) for r in alone.students.replicas] == [
@@ -376,8 +376,9 @@ def test_learning_rate_grid_and_kd_window_are_per_replica(teachers):
   training (step 5 of 10) trains on labels alone before it (one-hot -> KD switching, arXiv
   2301.12923). Run with 'vmap' (the hyperparameters are per-replica data either way; a vmapped
   step of 4 replicas compiles in half the time of the unrolled one)."""
-  grid = study_lib.resolve(_config(arms="kd", num_seeds=1, optimizer__learning_rate="0.1,0.02",
-                                   kd_windows="0-1,0.5-1", execution="vmap"))
+  grid = study_lib.load_data(study_lib.resolve(_config(
+      arms="kd", num_seeds=1, optimizer__learning_rate="0.1,0.02", kd_windows="0-1,0.5-1",
+      execution="vmap")))
   replicas = grid.students.replicas
   assert [(r.learning_rate, r.kd_start, r.kd_stop) for r in replicas] == [
       (0.1, 0, 10), (0.1, 5, 10), (0.02, 0, 10), (0.02, 5, 10)]
@@ -426,10 +427,10 @@ DKD_WARMUP_EPOCHS, DKD_WARMUP_STEPS = 0.5, 5
 
 def _arms_study(execution: str = "auto", arms=ALL_ARMS, **overrides):
   """Each arm once (seed 0, so teacher 0), alpha 0.3, T = 2, noise in U[-1, 2)."""
-  return study_lib.resolve(_config(
+  return study_lib.load_data(study_lib.resolve(_config(
       arms=",".join(arms), num_seeds=1, alpha=str(ALPHA), temperature=str(TEMPERATURE),
       arm_options__rcd_minval=RCD_RANGE[0], arm_options__rcd_maxval=RCD_RANGE[1],
-      arm_options__dkd_warmup_epochs=DKD_WARMUP_EPOCHS, execution=execution, **overrides))
+      arm_options__dkd_warmup_epochs=DKD_WARMUP_EPOCHS, execution=execution, **overrides)))
 
 
 def _reference_loss(arm: str, params, teacher_vars, x, y, *, step: int, seed: int, teacher: int,
@@ -586,7 +587,7 @@ def test_epoch_orders_follow_the_documented_streams(study):
       assert not np.array_equal(siddo[seed], _order("teacher", seed, epoch))
   assert not np.array_equal(_order("students", 0, 0), _order("students", 0, 1))
 
-  shared = study_lib.resolve(_config(shared_order=True))
+  shared = study_lib.load_data(study_lib.resolve(_config(shared_order=True)))
   shared_engine = _engine(shared, "students")
   _, order = shared_engine.order_for_step(shared_engine.init_state(), NUM_TRAIN)
   order = np.asarray(order)

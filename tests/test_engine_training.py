@@ -180,7 +180,7 @@ def _batches(stage: str, seed: int, steps: int, x_all, y_all, batch_size: int = 
 
 
 def _study(**overrides) -> study_lib.Study:
-  return study_lib.resolve(_config(**overrides))
+  return study_lib.load_data(study_lib.resolve(_config(**overrides)))
 
 
 def _max_diff(a, b) -> float:

@@ -83,9 +83,9 @@ def test_engine_loss_is_the_mean_of_the_member_losses():
   train split as one batch (so the example order does not matter): each replica's logged loss
   equals the mean over its members of kdjax.losses' kd loss / standardised kd loss."""
   alpha, temperature = 0.5, 2.0
-  study = study_lib.resolve(_config(
+  study = study_lib.load_data(study_lib.resolve(_config(
       ensembles="strong,weak+strong,strong+strong", num_seeds=1, alpha=str(alpha),
-      temperature=str(temperature), batch_size=NUM_TRAIN, num_epochs=1, execution="vmap"))
+      temperature=str(temperature), batch_size=NUM_TRAIN, num_epochs=1, execution="vmap")))
   (teacher_group,), (student_group,) = study.teacher.groups, study.students.groups
   teacher_engine = engine_lib.Engine(study, teacher_group)
   teacher_vars = teacher_engine.init_state().variables()  # untrained teachers do as well
@@ -178,7 +178,7 @@ def test_section_matches_numpy(ensemble_run):
   section = metrics["analyses"]["ensemble_attention"]
   npz = np.load(ensemble_run / "analysis" / "predictions.npz")
   labels, t_logits, s_logits = npz["labels"], npz["teacher_logits"], npz["student_logits"]
-  study = study_lib.resolve(_smoke_study_config())
+  study = study_lib.load_data(study_lib.resolve(_smoke_study_config()))
   replicas = study.students.replicas
   assert [r.ensemble for r in replicas] == [(0, 1), (2, 3)]
 

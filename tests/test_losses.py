@@ -611,6 +611,7 @@ LABELLED_LOSSES = {
         s, y, label_smoothing=0.1),
     "kd_loss": lambda s, t, y: losses.kd_loss(s, t, y, alpha=0.3, temperature=2.0),
     "kd_loss_weights": lambda s, t, y: losses.kd_loss(s, t, y, ce_weight=0.1, kd_weight=0.9),
+    "nkd_loss": lambda s, t, y: losses.nkd_loss(s, t, y, temperature=2.0, gamma=1.5),
     "standardized_kd_loss": lambda s, t, y: losses.standardized_kd_loss(s, t, y, temperature=2.0),
     "asymmetric_temperature_softmax": lambda s, t, y: losses.asymmetric_temperature_softmax(
         s, y, target_temperature=3.0, nontarget_temperature=1.5),

@@ -115,7 +115,7 @@ DATA_AXIS_SCRIPT = textwrap.dedent("""
           model="tiny_bn", num_teachers=2, num_seeds=1, arms="kd,rcd", num_epochs=1,
           batch_size=128, eval_batch_size=300, execution=execution,
           **{"mesh.replica": 1, "mesh.data": 2}))
-      study = study_lib.resolve(config)
+      study = study_lib.load_data(study_lib.fit_devices(study_lib.resolve(config), 2))
       out["mesh"] = np.array(study.mesh)
       (group,) = study.stage(stage).groups
       for name, mesh in meshes.items():
@@ -290,8 +290,8 @@ def test_the_default_mesh_is_chosen_per_group_and_an_explicit_one_is_strict():
   device count, each group with its own mesh; an explicit mesh keeps today's checks."""
   config = _config(num_teachers=1, num_seeds=3)
   assert study_lib.is_auto_mesh(config.mesh) and not study_lib.is_auto_mesh({"data": 2})
-  study = study_lib.resolve(config, num_devices=4)
-  assert study.mesh is None
+  study = study_lib.fit_devices(study_lib.resolve(config), 4)
+  assert study.mesh_request is None and study.mesh is None
   assert [study.group_mesh(g) for g in (*study.teacher.groups, *study.students.groups)] == \
       [(1, 4), (2, 2)]
   assert study.group_mesh(study.students.groups[0], 6) == (6, 1)
@@ -299,17 +299,21 @@ def test_the_default_mesh_is_chosen_per_group_and_an_explicit_one_is_strict():
 
 def test_study_checks_replicas_and_batches_against_the_mesh():
   """On 4 devices: 2 teachers do not divide over 4 replica shards but do over 2 (data=2);
-  a batch of 130 does not split over data=4; the resolved mesh is recorded in the Study."""
-  with pytest.raises(study_lib.ConfigError) as info:
-    study_lib.resolve(_config(**{"mesh.data": 1}), num_devices=4)
+  a batch of 130 does not split over data=4; the fitted mesh is recorded in the Study. Every
+  one is a MeshError (a ConfigError) raised by the device step, not by `resolve`."""
+  fit = lambda devices, **overrides: study_lib.fit_devices(
+      study_lib.resolve(_config(**overrides)), devices)
+  with pytest.raises(study_lib.MeshError) as info:
+    fit(4, **{"mesh.data": 1})
   assert info.value.key == "num_teachers"
   assert "2 replicas" in str(info.value) and "multiple of 4" in str(info.value)
-  assert study_lib.resolve(_config(**{"mesh.data": 2}), num_devices=4).mesh == (2, 2)
-  with pytest.raises(study_lib.ConfigError) as info:
-    study_lib.resolve(_config(batch_size=130, **{"mesh.data": 4}), num_devices=4)
+  assert info.value.fits == [(2, 2), (1, 4)]
+  assert fit(4, **{"mesh.data": 2}).mesh == (2, 2)
+  with pytest.raises(study_lib.MeshError) as info:
+    fit(4, batch_size=130, **{"mesh.data": 4})
   assert info.value.key == "batch_size" and "mesh.data=4" in str(info.value)
-  with pytest.raises(study_lib.ConfigError) as info:
-    study_lib.resolve(_config(eval_batch_size=301, **{"mesh.data": 2}), num_devices=2)
+  with pytest.raises(study_lib.MeshError) as info:
+    fit(2, eval_batch_size=301, **{"mesh.data": 2})
   assert info.value.key == "eval_batch_size"
 
 
@@ -463,11 +467,12 @@ def test_the_analysis_lays_a_study_out_on_any_number_of_devices(study):
   eval batch of 300 rounded up to 301 (a multiple of 7); the study itself is unchanged."""
   from kdjax import analysis  # pylint: disable=g-import-not-at-top
   on_8 = analysis.fit_to_devices(study, 8)
-  assert on_8.mesh == (2, 4) and on_8.config.mesh.to_dict() == {"replica": 2, "data": 4}
-  assert on_8.config.eval_batch_size == 300
+  assert on_8.mesh == (2, 4) and on_8.mesh_request == {"replica": 2, "data": 4}
+  assert on_8.run.eval_batch_size == 300
+  assert [on_8.group_mesh(g) for g in on_8.groups()] == [(2, 4)] * len(study.groups())
   on_7 = analysis.fit_to_devices(study, 7)
-  assert on_7.mesh == (1, 7) and on_7.config.eval_batch_size == 301
-  assert study.config.eval_batch_size == 300 and on_7.students == study.students
+  assert on_7.mesh == (1, 7) and on_7.run.eval_batch_size == 301
+  assert study.run.eval_batch_size == 300 and on_7.students == study.students
 
 
 def test_the_mesh_error_names_the_meshes_that_fit_and_an_analysis_alone_needs_none():
@@ -486,7 +491,7 @@ def test_the_mesh_error_names_the_meshes_that_fit_and_an_analysis_alone_needs_no
                      r"mesh.replica must divide every group's replica count \(2\)"):
     main.resolve(_config(**{"mesh.data": 1}), num_devices=6)
   assert main.resolve(_config(stages="analysis", **{"mesh.data": 1}),
-                      num_devices=3).mesh == (1, 1)
+                      num_devices=3).num_devices is None  # not fitted: the analysis lays out
 
 
 def test_a_pod_workdir_analyses_on_a_host_whose_devices_it_does_not_divide(jobs,

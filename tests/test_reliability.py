@@ -383,6 +383,7 @@ def test_a_full_disk_stops_with_one_line_and_loses_nothing(tmp_path, monkeypatch
   reruns after 'space is freed' resume and end bitwise where an uninterrupted run ends."""
   from kdjax import analysis as analysis_lib  # pylint: disable=g-import-not-at-top
   from kdjax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from kdjax.analysis import stage as analysis_stage  # pylint: disable=g-import-not-at-top
   config, run_in_process = _fault_study(tmp_path)
   reference, workdir = tmp_path / "reference", tmp_path / "run"
   run_in_process(config, reference)
@@ -420,7 +421,7 @@ def test_a_full_disk_stops_with_one_line_and_loses_nothing(tmp_path, monkeypatch
       raise OSError(errno.ENOSPC, full, path)
     return f
 
-  monkeypatch.setattr(analysis_lib, "open", open_on_a_full_disk, raising=False)
+  monkeypatch.setattr(analysis_stage, "open", open_on_a_full_disk, raising=False)
   with pytest.raises(workdir_lib.OutputWriteError) as info:
     analysis_lib.run(str(workdir))
   monkeypatch.undo()

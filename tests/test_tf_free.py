@@ -67,7 +67,7 @@ def test_the_stubs_block_the_imports(blocked):
 def test_core_imports_do_not_load_tensorflow():
   """With TensorFlow installed (the normal environment), importing kdjax's entry points loads
   none of TensorFlow, TFDS, clu or keras."""
-  proc = _python("import sys, kdjax.main, kdjax.train, kdjax.analysis, kdjax.data, "
+  proc = _python("import sys, kdjax.main, kdjax.train, kdjax.analysis.stage, kdjax.data, "
                  "kdjax.metrics, kdjax.summaries, kdjax.workdir\n"
                  "print(sorted(m for m in sys.modules if m.split('.')[0] in "
                  "('tensorflow', 'tensorflow_datasets', 'clu', 'keras')))",

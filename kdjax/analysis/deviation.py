@@ -131,7 +131,7 @@ def split_log_odds(context: sections.Context, split: str):
   student_vars = {k: v.variables() for k, v in student_states.items()}
   device_arrays = data_lib.to_device(arrays, student_engines[0].replicated)
   indices, masks = data_lib.eval_indices(len(arrays["label"]),
-                                         int(study.config.eval_batch_size))
+                                         study.run.eval_batch_size)
   teacher_parts, student_parts = [], []
   for idx, mask in zip(indices, masks):
     batch = engine_lib.eval_batch_jit(device_arrays, study.dataset, idx, mask)

@@ -128,7 +128,7 @@ def pair_iou(context: sections.Context, pairs) -> dict[tuple[int, int], float]:
     has_map[j] = "cam" in models_lib.feature_names(by_key[group.key].module, probe)
   test = study.data["test"]
   device_arrays = data_lib.to_device(test, engines[0].replicated)
-  indices, masks = data_lib.eval_indices(len(test["label"]), int(study.config.eval_batch_size))
+  indices, masks = data_lib.eval_indices(len(test["label"]), study.run.eval_batch_size)
   sums = {p: 0.0 for p in pairs}
   counts = {p: 0 for p in pairs}
   for idx, mask in zip(indices, masks):

@@ -53,15 +53,15 @@ class Predictions:
   student_metadata: dict
 
 
-def load_study(workdir: str, num_devices: int | None = None) -> study_lib.Study:
-  """The study recorded in WORKDIR/config.json (never the live command line's config);
-  `num_devices` as in `kdjax.study.resolve`."""
+def load_study(workdir: str) -> study_lib.Study:
+  """The study recorded in WORKDIR/config.json (never the live command line's config), with
+  its data (`kdjax.study.load_data`), not laid out on devices."""
   path = workdir_lib.join(workdir, "config.json")
   if not workdir_lib.exists(path):
     raise FileNotFoundError(f"{path} does not exist: the analysis needs a workdir written by "
                             "`python -m kdjax.main` (its config.json and checkpoints)")
   config = ml_collections.ConfigDict(workdir_lib.read_json(path))
-  return study_lib.resolve(config, num_devices=num_devices)
+  return study_lib.load_data(study_lib.resolve(config))
 
 
 def compared_teachers(replicas, num_teachers: int) -> np.ndarray:
@@ -177,7 +177,7 @@ def collect(study: study_lib.Study, workdir: str) -> Predictions:
   test = study.data["test"]
   num_examples = len(test["label"])
   eval_arrays = data_lib.to_device(test, student_engines[0].replicated)
-  indices, masks = data_lib.eval_indices(num_examples, int(study.config.eval_batch_size))
+  indices, masks = data_lib.eval_indices(num_examples, study.run.eval_batch_size)
   num_teachers, num_students = len(study.teacher.replicas), len(study.students.replicas)
   compared = compared_teachers(study.students.replicas, num_teachers)
   pairs = teacher_pairs(num_teachers)

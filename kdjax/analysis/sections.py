@@ -16,6 +16,7 @@ deterministic (no timestamps, fixed seeds), so re-running the analysis reproduce
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from typing import Any, Callable
 
 import numpy as np
@@ -58,25 +59,29 @@ def register(name: str):
   return wrap
 
 
+# Where each section is defined: validation reads the names without importing anything (as
+# big_vision finds evaluators by name); the analysis imports a section's module when it runs it.
+# tests/test_analysis.py checks this table against the modules' `register` calls.
+MODULES = {
+    "capacity": "kdjax.analysis.capacity",  # arXiv 2405.13078
+    "deviation": "kdjax.analysis.deviation",  # arXiv 2301.12923, Sec. 3
+    "kd_switch": "kdjax.analysis.deviation",
+    "ensemble_attention": "kdjax.analysis.ensemble",  # arXiv 2405.00739
+    "eigen_trajectory": "kdjax.analysis.eigen",  # arXiv 2301.12923, Sec. 4
+    "gradient_denoising": "kdjax.analysis.eigen",
+    "width_scaling": "kdjax.analysis.width",  # arXiv 2510.12615
+}
+
+
 def available() -> tuple[str, ...]:
-  _import_all()
-  return tuple(sorted(SECTIONS))
+  """The section names a config may list in `analyses` (no module is imported)."""
+  return tuple(sorted(MODULES))
 
 
 def get(name: str) -> Callable[[Context], Section]:
-  _import_all()
-  if name not in SECTIONS:
+  """The section function registered under `name`, importing its module."""
+  if name not in MODULES:
     raise ValueError(f"analyses must be a comma-separated list of {', '.join(available())}; "
                      f"got {name!r}")
+  importlib.import_module(MODULES[name])
   return SECTIONS[name]
-
-
-def _import_all() -> None:
-  """Imports the modules that register sections (kept lazy: study validation asks for the names
-  without loading matplotlib)."""
-  # pylint: disable=g-import-not-at-top,unused-import
-  from kdjax.analysis import capacity  # capacity (arXiv 2405.13078)
-  from kdjax.analysis import deviation  # deviation, kd_switch (arXiv 2301.12923, Sec. 3)
-  from kdjax.analysis import ensemble  # ensemble_attention (arXiv 2405.00739)
-  from kdjax.analysis import eigen  # eigen_trajectory, gradient_denoising (arXiv 2301.12923, Sec. 4)
-  from kdjax.analysis import width  # width_scaling (arXiv 2510.12615)
