@@ -50,11 +50,9 @@ Any key can be overridden on the command line, e.g. `--config.num_seeds=5`.
 
 from __future__ import annotations
 
-import os
-
 import ml_collections
 
-from kdjax import study as study_lib
+from kdjax import configfile
 
 SIZES = ("smoke", "paper")
 VARIANTS = ("", "regt")
@@ -62,15 +60,9 @@ ARMS = "kd,ats,isats,fgcr,onehot"
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  size, _, variant = (arg or "smoke").partition(",")
-  if size not in SIZES:
-    raise ValueError(f"configs/capacity_mismatch.py:SIZE[,VARIANT]: SIZE must be one of "
-                     f"{', '.join(SIZES)}; got {size!r}")
-  if variant not in VARIANTS:
-    raise ValueError(f"configs/capacity_mismatch.py:SIZE[,VARIANT]: VARIANT must be one of "
-                     f"regt; got {variant!r}")
-  default = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py")
-  config = study_lib.load_config(default)
+  size, variant = configfile.parse_arg(arg, "configs/capacity_mismatch.py", "smoke", size=SIZES,
+                                       variant=VARIANTS)
+  config = configfile.base_config(__file__)
   config.student_init = "fresh"  # one student architecture learns from every teacher model
   config.analyses = "capacity"
   config.arms = ARMS

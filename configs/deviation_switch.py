@@ -34,22 +34,17 @@ The argument (`:smoke`, or none for paper size) picks the size; any key can be o
 
 from __future__ import annotations
 
-import os
-
 import ml_collections
 
-from kdjax import study as study_lib
+from kdjax import configfile
 
 SIZES = ("paper", "smoke")
 WINDOWS = "0-1,0.25-1,0.5-1,0.75-1,0-0.25,0-0.5,0-0.75"
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  size = arg or "paper"
-  if size not in SIZES:
-    raise ValueError(f"configs/deviation_switch.py takes :smoke or no argument (paper size); "
-                     f"got {arg!r}")
-  config = study_lib.load_config(os.path.join(os.path.dirname(__file__), "default.py"))
+  (size,) = configfile.parse_arg(arg, "configs/deviation_switch.py", "paper", size=SIZES)
+  config = configfile.base_config(__file__)
   config.arms = "onehot,kd"       # onehot first: the label-only baseline of kd_switch
   config.student_init = "fresh"   # kd students start from their own initialisation
   config.alpha = "1.0"            # inside a window the loss is the distillation loss alone

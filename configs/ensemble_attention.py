@@ -43,27 +43,18 @@ Any key can be overridden on the command line, e.g. `--config.num_seeds=10`.
 
 from __future__ import annotations
 
-import os
-
 import ml_collections
 
-from kdjax import study as study_lib
+from kdjax import configfile
 
 DATASETS = ("smoke", "cifar100", "cifar10")
 VARIANTS = ("", "strong_student")
 
 
-def _parse(arg: str | None) -> tuple[str, str]:
-  dataset, _, variant = (arg or "smoke").partition(",")
-  if dataset not in DATASETS or variant not in VARIANTS:
-    raise ValueError(f"configs/ensemble_attention.py takes DATASET[,strong_student] with DATASET "
-                     f"one of {', '.join(DATASETS)}; got {arg!r}")
-  return dataset, variant
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  dataset, variant = _parse(arg)
-  config = study_lib.load_config(os.path.join(os.path.dirname(__file__), "default.py"))
+  dataset, variant = configfile.parse_arg(arg, "configs/ensemble_attention.py", "smoke",
+                                          dataset=DATASETS, variant=VARIANTS)
+  config = configfile.base_config(__file__)
   config.arms = "ensemble_kd,ensemble_standardized_kd,kd"
   config.num_teachers = 2                   # T1 and T2
   config.teacher_augment = "weak,strong"    # each trained both ways

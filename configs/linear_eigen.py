@@ -36,11 +36,9 @@ exactly this kind of data, so the synthetic data are the full-size data too):
 
 from __future__ import annotations
 
-import os
-
 import ml_collections
 
-from kdjax import study as study_lib
+from kdjax import configfile
 
 FLAGS = ("smoke", "superclass")
 
@@ -59,7 +57,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   else:
     classes = "classes=10,superclasses=1,separation=0,class_separation=2"
 
-  config = study_lib.load_config(os.path.join(os.path.dirname(__file__), "default.py"))
+  config = configfile.base_config(__file__)
   config.dataset = (f"synthetic:{classes},dim={dim},n_train={n_train},n_test=2000,decay=1,"
                     "label_noise=0,seed=0")
   config.model = "linear"

@@ -48,11 +48,9 @@ Any key can be overridden on the command line, e.g. `--config.num_seeds=20`.
 
 from __future__ import annotations
 
-import os
-
 import ml_collections
 
-from kdjax import study as study_lib
+from kdjax import configfile
 
 # dataset -> (kdjax.models name, epochs, batch size, learning rate, augment preset, hint block)
 DATASETS = {
@@ -73,11 +71,8 @@ SMOKE_WIDTHS = "0.125,0.25,0.5"
 
 
 def _parse(arg: str | None) -> tuple[str, str]:
-  dataset, _, variant = (arg or "smoke").partition(",")
-  if dataset not in DATASETS or variant not in VARIANTS:
-    raise ValueError(f"configs/selfdistill_controls.py takes DATASET[,VARIANT] with DATASET one "
-                     f"of {', '.join(DATASETS)} and VARIANT one of "
-                     f"{', '.join(v for v in VARIANTS if v)}; got {arg!r}")
+  dataset, variant = configfile.parse_arg(arg, "configs/selfdistill_controls.py", "smoke",
+                                          dataset=DATASETS, variant=VARIANTS)
   if variant == "heavy_aug" and dataset in ("speech_commands", "tiny_shakespeare", "mnist1d"):
     raise ValueError(f"the heavy_aug variant needs image data; {dataset} has none")
   return dataset, variant
@@ -87,7 +82,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   dataset, variant = _parse(arg)
   model, epochs, batch_size, learning_rate, augment, hint_block = DATASETS[dataset]
   smoke = dataset == "smoke"
-  config = study_lib.load_config(os.path.join(os.path.dirname(__file__), "default.py"))
+  config = configfile.base_config(__file__)
   config.arms = "kd,rcd,siddo"
   config.alpha = "0.1,0.5,0.9"
   config.temperature = "1"

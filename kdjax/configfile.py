@@ -5,12 +5,19 @@ returns an `ml_collections.ConfigDict`.
 importable: a syntax error or an exception at import, no `get_config`, an exception in it, a
 result that is not a ConfigDict). It imports neither JAX nor TensorFlow, so kdjax.main refuses a
 bad config file before paying for them.
+
+A config file's helpers (configs/*.py), as big_vision's `parse_arg`:
+
+  dataset, variant = configfile.parse_arg(arg, "configs/x.py", "smoke", dataset=DATASETS,
+                                          variant=("", "strong_student"))
+  config = configfile.base_config(__file__)   # configs/default.py's get_config(), to modify
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+from typing import Sequence
 
 import ml_collections
 
@@ -68,3 +75,28 @@ def load_flag(value: str) -> ml_collections.ConfigDict:
   return load(*value.split(":", 1))
 
 
+
+
+def base_config(file: str, name: str = "default.py") -> ml_collections.ConfigDict:
+  """`get_config()` of the config file `name` in the directory of `file` (a config file's
+  `__file__`): the study a config file starts from and changes."""
+  return load(os.path.join(os.path.dirname(os.path.abspath(file)), name))
+
+
+def parse_arg(arg: str | None, file: str, default: str,
+              **fields: Sequence[str]) -> tuple[str, ...]:
+  """The values of a config file's comma-separated ARG (`--config=PATH:ARG`), one per keyword of
+  `fields` in order: `arg`, or `default` when it is empty or None, split at commas, missing
+  trailing values ''. Each value must be one of its field's choices ('' among them makes the
+  field optional). ValueError otherwise, naming `file`, the form (e.g. DATASET[,VARIANT]) and
+  every field's choices."""
+  values = (arg or default).split(",")
+  values += [""] * (len(fields) - len(values))
+  if len(values) == len(fields) and all(v in c for v, c in zip(values, fields.values())):
+    return tuple(values)
+  names = [name.upper() for name in fields]
+  form = names[0] + "".join(f"[,{n}]" if "" in c else f",{n}"
+                            for n, c in zip(names[1:], list(fields.values())[1:]))
+  choices = " and ".join(f"{n} one of {', '.join(v for v in c if v)}"
+                         for n, c in zip(names, fields.values()))
+  raise ValueError(f"{file} takes {form} with {choices}; got {arg!r}")

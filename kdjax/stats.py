@@ -31,6 +31,7 @@ __all__ = [
     "p_value_method",
     "bootstrap_ci",
     "holm",
+    "mean_std",
     "summarize",
     "WilcoxonResult",
     "signed_rank_sums",
@@ -286,6 +287,17 @@ def holm(p_values) -> np.ndarray:
   adjusted[order] = adjusted_sorted
   out[valid] = adjusted
   return out
+
+
+def mean_std(values) -> tuple[np.ndarray, np.ndarray]:
+  """(mean, sample standard deviation, ddof = 1) over the first axis of `values`, float64, as the
+  report sections summarise a group's seeds: 0-d arrays for a 1-D sample (`float()` them),
+  per-position arrays for [n, ...]. NaN, without a warning, for the std of fewer than two values
+  and the mean of none; values are not checked (NaN propagates)."""
+  v = np.asarray(values, np.float64)
+  mean = v.mean(0) if v.shape[0] else np.full(v.shape[1:], math.nan)
+  std = v.std(0, ddof=1) if v.shape[0] > 1 else np.full_like(mean, math.nan)
+  return mean, std
 
 
 def summarize(x, *, confidence: float = 0.95, num_resamples: int = DEFAULT_NUM_RESAMPLES,

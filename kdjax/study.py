@@ -732,8 +732,7 @@ def _weights_key(config) -> str:
 
 def _check_hint(config, student: replicas_lib.ModelSpec, teacher: replicas_lib.ModelSpec,
                 spec) -> None:
-  x = jax.numpy.zeros((1,) + tuple(spec.input_shape),
-                      jax.numpy.int32 if spec.modality == "text" else jax.numpy.float32)
+  x = spec.example_input()
   feature = config.arm_options.hint_feature
   shapes = []
   for model in (student, teacher):

@@ -453,6 +453,24 @@ def test_bad_config_files(case, tmp_path):
   assert str(path) in message
 
 
+def test_config_file_helpers_parse_arg_and_base_config(tmp_path):
+  """kdjax.configfile.parse_arg reads DATASET[,VARIANT]-style ARGs (the default when empty) and
+  names the form and the choices when a value is not allowed; base_config loads default.py
+  beside a config file."""
+  parse = lambda arg: configfile.parse_arg(arg, "configs/x.py", "smoke", dataset=("smoke", "c10"),
+                                           variant=("", "wide"))
+  assert parse(None) == parse("") == ("smoke", "") and parse("c10,wide") == ("c10", "wide")
+  for bad in ("c100", "smoke,deep", "smoke,wide,more", ","):
+    with pytest.raises(ValueError) as info:
+      parse(bad)
+    assert str(info.value) == ("configs/x.py takes DATASET[,VARIANT] with DATASET one of smoke, "
+                               f"c10 and VARIANT one of wide; got {bad!r}")
+  (tmp_path / "default.py").write_text(
+      "import ml_collections\ndef get_config(arg=None):\n"
+      "  return ml_collections.ConfigDict({'arg': arg})\n")
+  assert configfile.base_config(str(tmp_path / "study.py")).to_dict() == {"arg": None}
+
+
 # ---------------------------------------------------------------- through the command
 
 

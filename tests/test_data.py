@@ -487,6 +487,32 @@ def test_eval_indices_cover_each_example_once():
   np.testing.assert_array_equal(idx[mask > 0], np.arange(11))  # fixed order
 
 
+def test_eval_batches_stream_the_split_in_eval_indices_order():
+  """kdjax.data.eval_batches: the padded batches of `eval_indices`, each the `eval_batch` of its
+  rows (images normalised), with the host mask, the number of real examples and the rows."""
+  spec = data.DatasetSpec(name="tiny", num_classes=3, modality="image", input_key="image",
+                          input_shape=(2, 2, 1), mean=(0.5,), std=(0.25,))
+  rng = np.random.default_rng(0)
+  split = {"image": rng.integers(0, 256, (11, 2, 2, 1), dtype=np.uint8),
+           "label": rng.integers(0, 3, 11).astype(np.int32)}
+  arrays = data.to_device(split)
+  batches = list(data.eval_batches(arrays, spec, 4))
+  idx, mask = data.eval_indices(11, 4)
+  assert [b.index for b in batches] == [0, 1, 2] and [b.num_valid for b in batches] == [4, 4, 3]
+  for b in batches:
+    ref = data.eval_batch(arrays, spec, idx[b.index], mask[b.index])
+    np.testing.assert_array_equal(b.indices, idx[b.index])
+    np.testing.assert_array_equal(b.mask, mask[b.index])
+    np.testing.assert_allclose(np.asarray(b.x), np.asarray(ref["image"]), rtol=1e-6)  # jitted
+    np.testing.assert_array_equal(np.asarray(b.labels), split["label"][idx[b.index]])
+  x = np.concatenate([np.asarray(b.x)[:b.num_valid] for b in batches])
+  np.testing.assert_allclose(x, (split["image"] / 255.0 - 0.5) / 0.25, atol=1e-6)  # float32
+  assert spec.example_input(2).shape == (2, 2, 2, 1) and spec.example_input().dtype == np.float32
+  text = data.DatasetSpec(name="t", num_classes=5, modality="text", input_key="text",
+                          input_shape=(7,), vocab_size=5)
+  assert text.example_input().shape == (1, 7) and text.example_input().dtype == np.int32
+
+
 # ------------------------------------------------------------------------------- augmentation
 
 

@@ -22,15 +22,22 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "selfdistill_controls.py"
 
 
-def test_ols_slope_matches_scipy_linregress():
+def test_ols_slope_is_the_closed_form_least_squares_fit():
+  """width.ols_slope (scipy.stats.linregress) against slope = Sxy / Sxx and its standard error
+  sqrt(SSE / (n - 2) / Sxx), the numbers the section reported before it used linregress."""
   rng = np.random.default_rng(0)
   x = np.log2(np.repeat([0.125, 0.25, 0.5, 1.0], 5))
   y = 0.3 + 0.05 * x + rng.normal(0, 0.02, x.size)
-  slope, stderr = width_lib.ols_slope(x, y)
-  reference = scipy_stats.linregress(x, y)
-  assert slope == pytest.approx(reference.slope, rel=1e-12)
-  assert stderr == pytest.approx(reference.stderr, rel=1e-10)
-  assert np.isnan(width_lib.ols_slope(np.ones(4), y[:4])[0])  # one width: no slope
+  xc = x - x.mean()
+  slope = np.sum(xc * (y - y.mean())) / np.sum(xc**2)
+  stderr = np.sqrt(np.sum((y - y.mean() - slope * xc)**2) / (x.size - 2) / np.sum(xc**2))
+  got = width_lib.ols_slope(x, y)
+  assert got[0] == pytest.approx(slope, rel=1e-12)
+  assert got[1] == pytest.approx(stderr, rel=1e-10)
+  assert width_lib.ols_slope(np.append(x, 3.0), np.append(y, np.nan)) == got  # NaN point dropped
+  assert np.isnan(width_lib.ols_slope(np.ones(4), y[:4])).all()  # one width: no slope
+  two = width_lib.ols_slope(x[[0, 5]], y[[0, 5]])  # two points: a slope, no standard error
+  assert two[0] == pytest.approx((y[5] - y[0]) / (x[5] - x[0]), rel=1e-12) and np.isnan(two[1])
 
 
 @pytest.mark.parametrize("arg", ["smoke", "smoke,width", "smoke,heavy_aug", "smoke,temperature",

@@ -369,6 +369,22 @@ def test_holm_matches_statsmodels():
 # ---------------------------------------------------------------- summarize
 
 
+def test_mean_std_over_the_first_axis():
+  x = np.random.default_rng(6).normal(0.5, 0.1, size=(5, 3))
+  mean, std = stats.mean_std(x)
+  np.testing.assert_allclose(mean, x.sum(0) / 5, rtol=1e-14)
+  np.testing.assert_allclose(std, np.sqrt(((x - x.mean(0))**2).sum(0) / 4), rtol=1e-12)
+  one_mean, one_std = stats.mean_std([0.25])
+  assert float(one_mean) == 0.25 and math.isnan(float(one_std))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    none_mean, none_std = stats.mean_std([])
+    row_mean, row_std = stats.mean_std(x[:1])
+  assert math.isnan(float(none_mean)) and math.isnan(float(none_std))
+  np.testing.assert_array_equal(row_mean, x[0])
+  assert row_std.shape == (3,) and np.isnan(row_std).all()
+
+
 def test_summarize_against_numpy():
   x = np.random.default_rng(5).normal(0.8, 0.05, size=9)
   rec = stats.summarize(x, num_resamples=2000, seed=1)

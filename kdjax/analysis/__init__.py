@@ -4,7 +4,9 @@
   kdjax.analysis.run(DIR)                      # the same from Python
 
 reads only WORKDIR/config.json and the teacher/student Orbax checkpoints (so it also runs on a
-workdir copied from elsewhere, or in place on gs://) and writes WORKDIR/analysis/:
+workdir copied from elsewhere, or in place on gs://), restoring each stage's final checkpoint
+once (kdjax.analysis.predictions.restore) for the predictions and the sections, and writes
+WORKDIR/analysis/:
 
   predictions.npz  labels [N]; teacher_logits [T, N, C]; student_logits [R, N, C]; replica_arm,
                    replica_seed, replica_teacher (the teacher it is compared with),

@@ -39,6 +39,7 @@ from matplotlib.figure import Figure
 
 from kdjax import metrics as metrics_lib
 from kdjax import models as models_lib
+from kdjax import stats
 from kdjax.analysis import plots
 from kdjax.analysis import sections
 
@@ -50,8 +51,7 @@ _CHUNK = 1000  # examples per class_rank_consistency call (its memory is O(C^2) 
 def teacher_capacities(study) -> dict[str, int]:
   """{teacher model label: trainable parameter count}, from abstract evaluation only."""
   spec = study.dataset
-  x = jnp.zeros((1,) + tuple(spec.input_shape),
-                jnp.int32 if spec.modality == "text" else jnp.float32)
+  x = spec.example_input()
   return {g.model.label: models_lib.num_params(g.model.module(spec.num_classes), x)
           for g in study.teacher.groups}
 
@@ -84,11 +84,9 @@ def rank_consistency(a_logits: np.ndarray, b_logits: np.ndarray, labels: np.ndar
   return result
 
 
-def _mean_std(values) -> dict:
-  values = np.asarray(values, np.float64)
-  return {"mean": float(values.mean()) if values.size else math.nan,
-          "std": float(values.std(ddof=1)) if values.size > 1 else math.nan,
-          "n": int(values.size)}
+def _summary(values) -> dict:
+  mean, std = stats.mean_std(values)
+  return {"mean": float(mean), "std": float(std), "n": len(values)}
 
 
 def capacity_table(study, preds, included: set[int], teacher_diverged) -> dict:
@@ -122,7 +120,7 @@ def capacity_table(study, preds, included: set[int], teacher_diverged) -> dict:
     if r.index in included:
       students.setdefault(r.arm, {}).setdefault(r.teacher_model or "-", []).append(
           preds.student_metrics[r.index]["accuracy"])
-  students = {arm: {m: _mean_std(v) for m, v in sorted(
+  students = {arm: {m: _summary(v) for m, v in sorted(
       rows.items(), key=lambda kv: (capacities.get(kv[0], -1), kv[0]))}
               for arm, rows in students.items()}
   return {"k": k, "teachers": teachers, "rank_consistency": pairs,

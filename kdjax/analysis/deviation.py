@@ -28,10 +28,8 @@ from scipy import special
 
 from kdjax import arms as arms_lib
 from kdjax import data as data_lib
-from kdjax import engine as engine_lib
-from kdjax import train
+from kdjax import stats
 from kdjax.analysis import plots
-from kdjax.analysis import predictions as predictions_lib
 from kdjax.analysis import sections
 
 NUM_BUCKETS = 5
@@ -96,14 +94,6 @@ def bucket_deviation(student_log_odds, teacher_log_odds, buckets,
             "log_odds_gap_all": np.float64(gap.mean())}
 
 
-def _mean_std(values) -> tuple[np.ndarray, np.ndarray]:
-  """Mean and sample std (ddof 1; NaN for one value) over the first axis."""
-  v = np.asarray(values, np.float64)
-  mean = v.mean(0)
-  std = v.std(0, ddof=1) if v.shape[0] > 1 else np.full_like(mean, math.nan)
-  return mean, std
-
-
 # ------------------------------------------------------------------------------------------------
 # Logits of a split.
 
@@ -115,8 +105,9 @@ def _flat(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 def split_log_odds(context: sections.Context, split: str):
   """(teacher [T, P], student [R, P]) true-class log-odds on `split`: the eval split from the
-  collected predictions, the train split by running the final checkpoints over it in fixed
-  order (no augmentation), one batch at a time, so only [M, P] numbers are held."""
+  collected predictions, the train split by running the final models (`context.teachers`,
+  `context.students`) over it in fixed order (no augmentation), one batch at a time, so only
+  [M, P] numbers are held."""
   if split == "test":
     labels = context.preds.labels
     t, y = _flat(context.preds.teacher_logits, labels)
@@ -124,22 +115,13 @@ def split_log_odds(context: sections.Context, split: str):
     return (true_class_log_odds(t, np.broadcast_to(y, t.shape[:-1])),
             true_class_log_odds(s, np.broadcast_to(y, s.shape[:-1])))
   study = context.study
-  arrays = study.data[split]
-  teacher_engines, teacher_states = train.load_final_state(study, context.workdir, "teacher")
-  student_engines, student_states = train.load_final_state(study, context.workdir, "students")
-  teacher_vars = {k: v.variables() for k, v in teacher_states.items()}
-  student_vars = {k: v.variables() for k, v in student_states.items()}
-  device_arrays = data_lib.to_device(arrays, student_engines[0].replicated)
-  indices, masks = data_lib.eval_indices(len(arrays["label"]),
-                                         study.run.eval_batch_size)
+  device_arrays = data_lib.to_device(study.data[split], context.students.engines[0].replicated)
   teacher_parts, student_parts = [], []
-  for idx, mask in zip(indices, masks):
-    batch = engine_lib.eval_batch_jit(device_arrays, study.dataset, idx, mask)
-    x, valid = batch[study.dataset.input_key], int(mask.sum())
-    y = np.asarray(batch["label"])[:valid]
-    for engines, variables, parts in ((teacher_engines, teacher_vars, teacher_parts),
-                                      (student_engines, student_vars, student_parts)):
-      logits = np.asarray(predictions_lib.stage_logits(engines, variables, x))[:, :valid]
+  for batch in data_lib.eval_batches(device_arrays, study.dataset, study.run.eval_batch_size):
+    valid = batch.num_valid
+    y = np.asarray(batch.labels)[:valid]
+    for models, parts in ((context.teachers, teacher_parts), (context.students, student_parts)):
+      logits = np.asarray(models.logits(batch.x))[:, :valid]
       flat, flat_y = _flat(logits, y)
       parts.append(true_class_log_odds(flat, np.broadcast_to(flat_y, flat.shape[:-1])))
   return np.concatenate(teacher_parts, 1), np.concatenate(student_parts, 1)
@@ -176,7 +158,7 @@ def measure_split(context: sections.Context, teacher_lo: np.ndarray, student_lo:
       continue
     entry = {"n": len(rows)}
     for key in ("fraction_below", "log_odds_gap", "fraction_below_all", "log_odds_gap_all"):
-      mean, std = _mean_std([d[key] for d in rows])
+      mean, std = stats.mean_std([d[key] for d in rows])
       entry[key] = {"mean": mean.tolist(), "std": std.tolist()}
     groups[g.name] = entry
   return {"teachers": teachers, "groups": groups,
@@ -226,7 +208,7 @@ def _deviation_plot(path: str, context, results: dict, num_buckets: int) -> None
 def deviation(context: sections.Context) -> sections.Section:
   """Does the student underfit the points its teacher finds hard (arXiv 2301.12923, Sec. 3)?
 
-  For each split (eval: predictions.npz; train: the final checkpoints run over the train split)
+  For each split (eval: predictions.npz; train: the final models run over the train split)
   and each student r with teacher j: the points are split into NUM_BUCKETS equal-count buckets
   of teacher j's true-class confidence (`confidence_buckets`), and per bucket the fraction of
   points with p_s < p_t and the mean log-odds gap are measured (`bucket_deviation`); per group,
@@ -325,7 +307,7 @@ def kd_switch(context: sections.Context) -> sections.Section:
     values = [accuracy[r] for r in g.included]
     if not values:
       continue
-    mean, std = _mean_std(values)
+    mean, std = stats.mean_std(values)
     rows[g.name] = {"group": g.name, "arm": g.arm, "window": _window(context, g),
                     "n": len(values), "accuracies": [float(v) for v in values],
                     "mean": float(mean), "std": float(std)}

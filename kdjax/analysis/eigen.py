@@ -33,7 +33,6 @@ from matplotlib.figure import Figure
 
 from kdjax import checkpoint as checkpoint_lib
 from kdjax import data as data_lib
-from kdjax import engine as engine_lib
 from kdjax import train
 from kdjax import workdir as workdir_lib
 from kdjax.analysis import plots
@@ -113,8 +112,8 @@ def model_inputs(study, split: str) -> np.ndarray:
   """The split's inputs exactly as the model sees them (images normalised), [N, ...] float64."""
   arrays = study.data[split]
   n = len(arrays["label"])
-  batch = engine_lib.eval_batch_jit(data_lib.to_device(arrays), study.dataset,
-                                    np.arange(n, dtype=np.int32), np.ones(n, np.float32))
+  batch = data_lib.eval_batch_jit(data_lib.to_device(arrays), study.dataset,
+                                  np.arange(n, dtype=np.int32), np.ones(n, np.float32))
   return np.asarray(batch[study.dataset.input_key], np.float64)
 
 

@@ -51,11 +51,10 @@ from matplotlib.figure import Figure
 
 from kdjax import arms as arms_lib
 from kdjax import data as data_lib
-from kdjax import engine as engine_lib
 from kdjax import losses
 from kdjax import metrics as metrics_lib
 from kdjax import models as models_lib
-from kdjax import train
+from kdjax import stats
 from kdjax.analysis import plots
 from kdjax.analysis import sections
 
@@ -103,45 +102,31 @@ def fidelity(student_logits: np.ndarray, teacher_logits: np.ndarray, members,
 
 def pair_iou(context: sections.Context, pairs) -> dict[tuple[int, int], float]:
   """{(a, b): mean attention IoU over the eval split} for teacher index pairs, from the final
-  teacher checkpoints (module docstring); NaN for models without a spatial map. Examples where
-  both maps are constant (IoU undefined) are left out of the mean."""
-  study = context.study
+  teachers (`context.teachers`; module docstring); NaN for models without a spatial map.
+  Examples where both maps are constant (IoU undefined) are left out of the mean."""
+  study, teachers = context.study, context.teachers
   pairs = sorted(set(pairs))
   if not pairs:
     return {}
   needed = sorted({j for p in pairs for j in p})
-  engines, states = train.load_final_state(study, context.workdir, "teacher")
-  by_key = {e.group.key: e for e in engines}
   jitted = {}
 
-  def maps_fn(group):
-    if group.key not in jitted:
-      module = by_key[group.key].module
-      jitted[group.key] = jax.jit(lambda v, x: attention_map(module, v, x))
-    return jitted[group.key]
+  def maps_fn(engine):
+    if engine.group.key not in jitted:
+      module = engine.module
+      jitted[engine.group.key] = jax.jit(lambda v, x: attention_map(module, v, x))
+    return jitted[engine.group.key]
 
-  probe = np.zeros((1,) + tuple(study.dataset.input_shape),
-                   np.int32 if study.dataset.modality == "text" else np.float32)
-  has_map = {}
-  for j in needed:
-    group = study.teacher.group_of(j)
-    has_map[j] = "cam" in models_lib.feature_names(by_key[group.key].module, probe)
-  test = study.data["test"]
-  device_arrays = data_lib.to_device(test, engines[0].replicated)
-  indices, masks = data_lib.eval_indices(len(test["label"]), study.run.eval_batch_size)
+  probe = study.dataset.example_input()
+  has_map = {j: "cam" in models_lib.feature_names(teachers.engine_of(j).module, probe)
+             for j in needed}
+  device_arrays = data_lib.to_device(study.data["test"], teachers.engines[0].replicated)
   sums = {p: 0.0 for p in pairs}
   counts = {p: 0 for p in pairs}
-  for idx, mask in zip(indices, masks):
-    batch = engine_lib.eval_batch_jit(device_arrays, study.dataset, idx, mask)
-    x, valid = batch[study.dataset.input_key], int(mask.sum())
-    maps = {}
-    for j in needed:
-      if not has_map[j]:
-        continue
-      group = study.teacher.group_of(j)
-      position = group.indices.index(j)
-      variables = jax.tree.map(lambda a: a[position], states[group.key].variables())
-      maps[j] = maps_fn(group)(variables, x)[:valid]
+  variables = {j: teachers.replica_variables(j) for j in needed if has_map[j]}
+  for batch in data_lib.eval_batches(device_arrays, study.dataset, study.run.eval_batch_size):
+    maps = {j: maps_fn(teachers.engine_of(j))(v, batch.x)[:batch.num_valid]
+            for j, v in variables.items()}
     for a, b in pairs:
       if a in maps and b in maps:
         iou = np.asarray(metrics_lib.attention_iou(maps[a], maps[b], threshold=IOU_THRESHOLD))
@@ -150,10 +135,9 @@ def pair_iou(context: sections.Context, pairs) -> dict[tuple[int, int], float]:
   return {p: sums[p] / counts[p] if counts[p] else math.nan for p in pairs}
 
 
-def _mean_std(values) -> dict[str, float]:
-  v = np.asarray(values, np.float64)
-  return {"mean": float(v.mean()) if v.size else math.nan,
-          "std": float(v.std(ddof=1)) if v.size > 1 else math.nan}
+def _summary(values) -> dict[str, float]:
+  mean, std = stats.mean_std(values)
+  return {"mean": float(mean), "std": float(std)}
 
 
 @sections.register("ensemble_attention")
@@ -185,7 +169,7 @@ def ensemble_attention(context: sections.Context) -> sections.Section:
         "arm": g.arm, "display": g.display,
         "composition": replicas[g.included[0]].teacher_augment or "all teachers",
         "n": len(rows),
-        **{m: _mean_std([row[m] for row in rows])
+        **{m: _summary([row[m] for row in rows])
            for m in STUDENT_METRICS + ("teacher_iou", "teacher_agreement")}}
   teachers = [{"index": t.index, "augment": t.augment, "seed": t.seed, "model": t.model,
                "accuracy": preds.teacher_metrics[t.index]["accuracy"]}

@@ -1,8 +1,10 @@
 """Streams the eval split through every teacher and student replica of a finished study.
 
-For each fixed-order, padded eval batch (kdjax.data.eval_indices) the teachers' logits [T, B, C]
-and the students' logits [R, B, C] come from the stages' jitted `Engine.predict`; one jitted call
-then adds the batch to the streaming states:
+`restore` reads each stage's final checkpoint once (a `RestoredStage`: its engines and final
+variables); `collect` then takes each fixed-order, padded eval batch (kdjax.data.eval_batches):
+the teachers' logits [T, B, C] and the students' logits [R, B, C] come from the stages' jitted
+`Engine.predict` (`RestoredStage.logits`), and one jitted call adds the batch to the streaming
+states:
 
   similarity [R + P]  `kdjax.metrics.SimilarityMetrics` of student r vs the teacher it is
                       compared with (`compared_teacher[r]`), then of teacher b vs teacher a for
@@ -29,7 +31,6 @@ import ml_collections
 import numpy as np
 
 from kdjax import data as data_lib
-from kdjax import engine as engine_lib
 from kdjax import metrics as metrics_lib
 from kdjax import study as study_lib
 from kdjax import train
@@ -161,23 +162,53 @@ def _check_metadata(metadata: dict, replicas, stage: str) -> None:
                        "describes; was config.json replaced after training?")
 
 
-def collect(study: study_lib.Study, workdir: str) -> Predictions:
-  """Runs every teacher and student on the eval split of `study` (see the module docstring)."""
-  teacher_engines, teacher_states = train.load_final_state(study, workdir, "teacher")
-  student_engines, student_states = train.load_final_state(study, workdir, "students")
-  teacher_meta = _stage_metadata(workdir, "teacher")
-  student_meta = _stage_metadata(workdir, "students")
-  _check_metadata(teacher_meta, study.teacher.replicas, "teacher")
-  _check_metadata(student_meta, study.students.replicas, "students")
-  teacher_vars = {k: state.variables() for k, state in teacher_states.items()}
-  student_vars = {k: state.variables() for k, state in student_states.items()}
-  del teacher_states, student_states  # the optimiser state is not needed
+@dataclasses.dataclass(frozen=True)
+class RestoredStage:
+  """A finished stage's models, restored once per analysis: `engines`, one per group in group
+  order (`kdjax.train.engines`); `variables`, {group key: the group's final {"params",
+  "batch_stats"}, leading replica axis} (no optimiser state); `metadata`, the replicas.json
+  saved with its checkpoints ({} where there is none)."""
+  engines: list
+  variables: dict
+  metadata: dict
 
-  spec = study.dataset
+  def logits(self, x) -> jax.Array:
+    """[R, B, ..., C] logits of every replica of the stage on the batch x, in stage order."""
+    parts = [e.predict(self.variables[e.group.key], x) for e in self.engines]
+    if len(parts) == 1:
+      return parts[0]
+    order = np.argsort(np.concatenate([e.group.indices for e in self.engines]))
+    return jnp.take(jnp.concatenate(parts), jnp.asarray(order), axis=0)
+
+  def engine_of(self, index: int):
+    """The engine of the group that holds replica `index` (stage order)."""
+    return next(e for e in self.engines if index in e.group.indices)
+
+  def replica_variables(self, index: int):
+    """The final variables of replica `index` (stage order) alone, without the replica axis."""
+    group = self.engine_of(index).group
+    position = list(group.indices).index(index)
+    return jax.tree.map(lambda a: a[position], self.variables[group.key])
+
+
+def restore(study: study_lib.Study, workdir: str, stage: str) -> RestoredStage:
+  """`stage`'s final checkpoint (`kdjax.train.load_final_state`) and replicas metadata, checked
+  against the study's replicas: what `collect` and the sections (kdjax.analysis.sections.Context)
+  run."""
+  stage_engines, states = train.load_final_state(study, workdir, stage)
+  metadata = _stage_metadata(workdir, stage)
+  _check_metadata(metadata, study.stage(stage).replicas, stage)
+  return RestoredStage(engines=stage_engines, metadata=metadata,
+                       variables={k: state.variables() for k, state in states.items()})
+
+
+def collect(study: study_lib.Study, teachers: RestoredStage,
+            students: RestoredStage) -> Predictions:
+  """Runs every teacher and student (`restore`) on the eval split of `study` (see the module
+  docstring)."""
   test = study.data["test"]
   num_examples = len(test["label"])
-  eval_arrays = data_lib.to_device(test, student_engines[0].replicated)
-  indices, masks = data_lib.eval_indices(num_examples, study.run.eval_batch_size)
+  eval_arrays = data_lib.to_device(test, students.engines[0].replicated)
   num_teachers, num_students = len(study.teacher.replicas), len(study.students.replicas)
   compared = compared_teachers(study.students.replicas, num_teachers)
   pairs = teacher_pairs(num_teachers)
@@ -185,19 +216,16 @@ def collect(study: study_lib.Study, workdir: str) -> Predictions:
   labels = np.asarray(test["label"])
   teacher_logits = student_logits = None
   states = None
-  for step, (idx, mask) in enumerate(zip(indices, masks)):
-    batch = engine_lib.eval_batch_jit(eval_arrays, spec, idx, mask)
-    x = batch[spec.input_key]
-    t_logits = stage_logits(teacher_engines, teacher_vars, x)
-    s_logits = stage_logits(student_engines, student_vars, x)
-    args = (s_logits, t_logits, compared, pairs, batch["label"], batch["mask"])
+  for batch in data_lib.eval_batches(eval_arrays, study.dataset, study.run.eval_batch_size):
+    t_logits = teachers.logits(batch.x)
+    s_logits = students.logits(batch.x)
+    args = (s_logits, t_logits, compared, pairs, batch.labels, batch.mask)
     if states is None:
       states = _zeros_like_states(*args)
       teacher_logits = np.empty((num_teachers, num_examples) + t_logits.shape[2:], np.float32)
       student_logits = np.empty((num_students, num_examples) + s_logits.shape[2:], np.float32)
     states = _accumulate(states, *args)
-    start = step * idx.shape[0]
-    valid = int(mask.sum())
+    start, valid = batch.index * batch.mask.shape[0], batch.num_valid
     teacher_logits[:, start:start + valid] = np.asarray(t_logits[:, :valid], np.float32)
     student_logits[:, start:start + valid] = np.asarray(s_logits[:, :valid], np.float32)
 
@@ -212,16 +240,7 @@ def collect(study: study_lib.Study, workdir: str) -> Predictions:
       labels=labels, teacher_logits=teacher_logits, student_logits=student_logits,
       compared_teacher=compared, student_metrics=computed[:num_students],
       teacher_metrics=teacher_metrics, pair_metrics=pair_metrics,
-      teacher_metadata=teacher_meta, student_metadata=student_meta)
-
-
-def stage_logits(stage_engines, variables: dict, x) -> jax.Array:
-  """[R, B, ..., C] logits of every replica of a stage, in stage order, from its groups."""
-  parts = [e.predict(variables[e.group.key], x) for e in stage_engines]
-  if len(parts) == 1:
-    return parts[0]
-  order = np.argsort(np.concatenate([e.group.indices for e in stage_engines]))
-  return jnp.take(jnp.concatenate(parts), jnp.asarray(order), axis=0)
+      teacher_metadata=teachers.metadata, student_metadata=students.metadata)
 
 
 def save_npz(path: str, study: study_lib.Study, preds: Predictions) -> None:

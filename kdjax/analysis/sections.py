@@ -7,8 +7,9 @@ function here, registered under a name that configs list in `analyses` (comma-se
 
   section(context) -> Section
 
-It reads what it needs from `context` (the predictions already collected, the study, the workdir's
-checkpoints), writes its plots into `context.plot_dir`, and returns its JSON-ready results (they
+It reads what it needs from `context` (the predictions already collected, the study, each stage's
+final models, restored once for the whole analysis; the workdir for anything else, such as every
+saved step), writes its plots into `context.plot_dir`, and returns its JSON-ready results (they
 appear in metrics.json under "analyses"[name]) and a markdown section for report.md. Sections are
 deterministic (no timestamps, fixed seeds), so re-running the analysis reproduces both files.
 """
@@ -25,7 +26,10 @@ import numpy as np
 @dataclasses.dataclass(frozen=True)
 class Context:
   """What a section may read. `preds` is kdjax.analysis.predictions.Predictions; `groups` the
-  per-arm (and grid point) groups of kdjax.analysis.statistics with excluded replicas removed."""
+  per-arm (and grid point) groups of kdjax.analysis.statistics with excluded replicas removed;
+  `teachers` and `students` each stage's final models (kdjax.analysis.predictions.RestoredStage:
+  engines and variables; restore nothing else from the final checkpoints); `workdir` the study's
+  directory, for what the final models do not hold (kdjax.analysis.eigen reads every saved step)."""
   workdir: str
   study: Any
   preds: Any
@@ -33,6 +37,8 @@ class Context:
   student_diverged: np.ndarray
   teacher_diverged: np.ndarray
   plot_dir: str
+  teachers: Any = None
+  students: Any = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -173,7 +173,10 @@ def run(workdir: str, *, command: str | None = None) -> dict | None:
           f"{jax.default_backend()} devices (the largest replica axis dividing every group's "
           f"replica count: {', '.join(map(str, groups))}; eval batch "
           f"{study.run.eval_batch_size})", flush=True)
-  preds = predictions_lib.collect(study, workdir)
+  # Each stage's final checkpoint is restored once; the predictions and the sections run it.
+  teachers = predictions_lib.restore(study, workdir, "teacher")
+  students = predictions_lib.restore(study, workdir, "students")
+  preds = predictions_lib.collect(study, teachers, students)
   student_reasons = divergence_reasons(preds.student_logits, preds.student_metadata)
   teacher_reasons = divergence_reasons(preds.teacher_logits, preds.teacher_metadata)
   student_diverged = np.array([bool(r) for r in student_reasons])
@@ -225,7 +228,8 @@ def run(workdir: str, *, command: str | None = None) -> dict | None:
       curves_lib.plot(os.path.join(plot_dir, "curves.png"), results["curves"], groups)
     context = sections_lib.Context(
         workdir=workdir, study=study, preds=preds, groups=groups,
-        student_diverged=student_diverged, teacher_diverged=teacher_diverged, plot_dir=plot_dir)
+        student_diverged=student_diverged, teacher_diverged=teacher_diverged, plot_dir=plot_dir,
+        teachers=teachers, students=students)
     extra = {name: sections_lib.get(name)(context) for name in study.analyses}
     if extra:
       results["analyses"] = {name: section.results for name, section in extra.items()}

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import scipy.stats
 from matplotlib.figure import Figure
 
 from kdjax.analysis import plots
@@ -39,19 +40,16 @@ def student_widths(study) -> dict[str, float]:
 
 
 def ols_slope(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-  """(slope, standard error) of the least-squares line y = a + b x; NaN where undefined."""
+  """(slope, standard error) of the least-squares line y = a + b x over the finite points
+  (`scipy.stats.linregress`); NaN where undefined: both for fewer than two distinct x, the
+  standard error for fewer than three points (linregress gives 0 for two)."""
   x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
   keep = np.isfinite(x) & np.isfinite(y)
   x, y = x[keep], y[keep]
   if x.size < 2 or np.ptp(x) == 0:
     return math.nan, math.nan
-  xc = x - x.mean()
-  slope = float(np.sum(xc * (y - y.mean())) / np.sum(xc**2))
-  if x.size < 3:
-    return slope, math.nan
-  residuals = y - (y.mean() + slope * xc)
-  stderr = float(np.sqrt(np.sum(residuals**2) / (x.size - 2) / np.sum(xc**2)))
-  return slope, stderr
+  fit = scipy.stats.linregress(x, y)
+  return float(fit.slope), (float(fit.stderr) if x.size > 2 else math.nan)
 
 
 def width_table(study, student_metrics, included: set[int]) -> dict:

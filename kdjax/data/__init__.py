@@ -22,7 +22,8 @@ re-exported here; a training loop:
   order = kdjax.data.epoch_order(data_keys, epoch, n)                # once per epoch, [R, N]
   batch = kdjax.data.train_batch(arrays, spec, aug_keys, step, batch_size=128, order=order,
                                  augment_preset="weak")              # inside the jitted step
-  idx, mask = kdjax.data.eval_indices(n_test, 256)                   # eval: fixed order + mask
+  for batch in kdjax.data.eval_batches(test_arrays, spec, 256):      # eval: fixed order + mask
+    logits = predict(batch.x)                                        # batch.mask: 0 = padding
 """
 
 from __future__ import annotations
@@ -31,10 +32,11 @@ import dataclasses
 
 import numpy as np
 
-from kdjax.data.pipeline import (AUGMENT_PRESETS, augment, batch_indices, color_jitter,
-                                 epoch_order, eval_batch, eval_indices, normalize, order_batch,
-                                 random_crop, random_erasing, random_flip, steps_per_epoch,
-                                 to_device, to_float, train_batch)
+from kdjax.data.pipeline import (AUGMENT_PRESETS, EvalBatch, augment, batch_indices,
+                                 color_jitter, epoch_order, eval_batch, eval_batch_jit,
+                                 eval_batches, eval_indices, normalize, order_batch, random_crop,
+                                 random_erasing, random_flip, steps_per_epoch, to_device,
+                                 to_float, train_batch)
 
 
 class DatasetNotAvailableError(ValueError):
@@ -75,6 +77,13 @@ class DatasetSpec:
   sequence_labels: bool = False
   splits: tuple[str, ...] = ("train", "test")
 
+  def example_input(self, batch: int = 1) -> np.ndarray:
+    """Zeros shaped like a batch of `batch` model inputs, [batch, *input_shape], int32 token ids
+    for text and float32 otherwise (what a model sees after `eval_batch`): the input to
+    initialise a model or to trace it abstractly with."""
+    dtype = np.int32 if self.modality == "text" else np.float32
+    return np.zeros((batch,) + tuple(self.input_shape), dtype)
+
 
 def load(name: str, split: str, *, data_dir: str | None = None) -> dict[str, np.ndarray]:
   """Loads a whole split into memory as numpy arrays.
@@ -103,8 +112,9 @@ def available() -> list[str]:
 
 
 __all__ = [
-    "AUGMENT_PRESETS", "DatasetNotAvailableError", "DatasetSpec", "MODALITIES", "augment",
-    "available", "batch_indices", "color_jitter", "epoch_order", "eval_batch", "eval_indices",
-    "load", "normalize", "order_batch", "random_crop", "random_erasing", "random_flip", "spec",
-    "steps_per_epoch", "to_device", "to_float", "train_batch",
+    "AUGMENT_PRESETS", "DatasetNotAvailableError", "DatasetSpec", "EvalBatch", "MODALITIES",
+    "augment", "available", "batch_indices", "color_jitter", "epoch_order", "eval_batch",
+    "eval_batch_jit", "eval_batches", "eval_indices", "load", "normalize", "order_batch",
+    "random_crop", "random_erasing", "random_flip", "spec", "steps_per_epoch", "to_device",
+    "to_float", "train_batch",
 ]

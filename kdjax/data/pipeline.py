@@ -29,8 +29,9 @@ erasing); there is no `lax.scan` over examples, which XLA:CPU runs an order of m
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -312,3 +313,32 @@ def eval_batch(arrays: Mapping[str, jax.Array], spec: DatasetSpec, indices, mask
   if spec.modality == "image":
     x = normalize(to_float(x), spec.mean, spec.std)
   return {spec.input_key: x, "label": arrays["label"][indices], "mask": jnp.asarray(mask)}
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def eval_batch_jit(arrays: Mapping[str, jax.Array], spec: DatasetSpec, indices, mask
+                   ) -> dict[str, jax.Array]:
+  """`eval_batch`, jitted (`spec` static): one program per split shape and batch size."""
+  return eval_batch(arrays, spec, indices, mask)
+
+
+class EvalBatch(NamedTuple):
+  """One fixed-order, padded eval batch of a split (`eval_batches`)."""
+  index: int            # s: the batch's position; its slots are examples s * B + [0, B)
+  x: jax.Array          # [B, ...] model inputs (`eval_batch`: images as float, normalised)
+  labels: jax.Array     # [B, ...]
+  mask: np.ndarray      # [B] float32 host array: 1 for a real example, 0 for padding
+  num_valid: int        # the real examples: the first num_valid slots (sum of mask)
+  indices: np.ndarray   # [B] int32 host array: each slot's example (padding repeats 0, 1, ..)
+
+
+def eval_batches(arrays: Mapping[str, jax.Array], spec: DatasetSpec, batch_size: int
+                 ) -> Iterator[EvalBatch]:
+  """Streams a split through `eval_indices` order: every eval batch of `arrays` (the split on
+  device, `to_device`), in order, each example in exactly one batch with mask 1. The loop of
+  every full pass over a split (eval, the analysis, a teacher's logits on the train split)."""
+  indices, masks = eval_indices(int(arrays["label"].shape[0]), batch_size)
+  for index, (idx, mask) in enumerate(zip(indices, masks)):
+    batch = eval_batch_jit(arrays, spec, idx, mask)
+    yield EvalBatch(index=index, x=batch[spec.input_key], labels=batch["label"], mask=mask,
+                    num_valid=int(mask.sum()), indices=idx)
