@@ -102,6 +102,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "fgcr_fusion": 0.5,          # fgcr: weight of the class relations R[y] in the teacher target
       "teacher_loss": "ce",        # 'ce' | 'regt': teachers trained with RegT (arXiv 2405.13078)
       "regt_weight": 0.05,         # regt: weight of the non-target variance reward (in [0, 1])
+      # The logit baselines at their authors' defaults (kdjax/losses.py docstrings): NKD
+      # (CE + NKD), DIST (CE + 2 DIST), TTM / WTTM (CE + weight x term; gamma = 1 / T on the
+      # teacher only) and attention transfer (CE + 1e3 x the AT loss summed over at_features).
+      "nkd_temperature": 1.0,
+      "nkd_gamma": 1.5,
+      "dist_temperature": 1.0,
+      "dist_beta": 1.0,
+      "dist_gamma": 1.0,
+      "dist_weight": 2.0,
+      "ttm_gamma": 0.1,
+      "ttm_weight": 45.0,
+      "wttm_gamma": 0.2,
+      "wttm_weight": 4.0,
+      "at_features": "block1,block2",
+      "at_weight": 1000.0,
+      # mutual (deep mutual learning): cohorts of this many consecutive seeds share batches and
+      # learn CE + the mean KL to each peer at mutual_temperature (the authors: 2 and T = 1).
+      "mutual_cohort": 2,
+      "mutual_temperature": 1.0,
   })
 
   # How the analysis tests the arms (kdjax/analysis/statistics.py). equivalence_margins: the

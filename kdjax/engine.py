@@ -59,6 +59,7 @@ from kdjax import losses
 from kdjax import models as models_lib
 from kdjax import optim
 from kdjax import replicas as replicas_lib
+from kdjax import teacher_signals
 from kdjax.models import _common as models_common
 from kdjax.study import MESH_AXES, Group, Study
 
@@ -93,9 +94,18 @@ def _variables(params, batch_stats) -> dict[str, Any]:
 class Teachers:
   """Trained teacher variables stacked over teachers [T, ...]: those of the teacher group a
   student group reads (`Group.teacher_indices`, in that order). `class_relations` [T, C, C]:
-  each teacher's `losses.class_relation_matrix` on the train split (the fgcr arm; else None)."""
+  each teacher's `losses.class_relation_matrix` on the train split (the fgcr arm; else None).
+  `temperatures` [T]: each teacher's post-hoc temperature fitted on the validation split
+  (kdjax.calibration; the calibrated_teacher signal; else None)."""
   variables: Any
   class_relations: Any = None
+  temperatures: Any = None
+
+
+def _code(table: Mapping, name: str) -> int:
+  """A loss kind's or teacher signal's code: its position in its table (arms_lib.LOSS_KINDS,
+  arms_lib.TEACHER_SIGNALS)."""
+  return list(table).index(name)
 
 
 def _select(codes_and_values, code):
@@ -219,8 +229,10 @@ class Engine:
     self.kinds = tuple(sorted({a.loss for a in self.arms}))
     self.signals = tuple(sorted({a.teacher_signal for a in self.arms}))
     self._pairs = frozenset((a.teacher_signal, a.loss) for a in self.arms)
-    self.kind_codes = np.array([arms_lib.LOSS_KINDS.index(a.loss) for a in self.arms], np.int32)
-    self.signal_codes = np.array([arms_lib.TEACHER_SIGNALS.index(a.teacher_signal)
+    # Each replica's loss kind and teacher signal as codes (positions in arms_lib.LOSS_KINDS
+    # and TEACHER_SIGNALS), for rows whose arm differs between replica shards.
+    self.kind_codes = np.array([_code(arms_lib.LOSS_KINDS, a.loss) for a in self.arms], np.int32)
+    self.signal_codes = np.array([_code(arms_lib.TEACHER_SIGNALS, a.teacher_signal)
                                   for a in self.arms], np.int32)
     self.execution = backend_execution(self.run.execution)
     # `mesh` (a ('replica', 'data') Mesh) overrides the study's mesh for this group over
@@ -234,10 +246,13 @@ class Engine:
     self.replica_sharding = NamedSharding(self.mesh, P("replica"))
     self.replicated = NamedSharding(self.mesh, P())
     self.options = study.loss_options
-    self._needs_features = "feature_hint" in self.kinds
-    x = jnp.zeros((1,) + tuple(self.spec.input_shape),
-                  jnp.int32 if self.spec.modality == "text" else jnp.float32)
-    self._dummy_input = x
+    # What the group's loss kinds need beyond logits and labels (arms_lib.LossKind.needs).
+    self.needs = arms_lib.needs(self.kinds)
+    self.feature_names = arms_lib.feature_names(self.kinds, study.loss_options)
+    # Mutual learning: each step first computes every replica's logits on its batch (`peers`),
+    # which the cohorts' losses read.
+    self.reads_peers = any("peers" in arms_lib.TEACHER_SIGNALS[s].needs for s in self.signals)
+    self._dummy_input = self.spec.example_input()
     self._init_variables = compilation.jit(
         lambda key: self.module.init(key, self._dummy_input, train=False))
     self._init_optimizer = compilation.jit(lambda params, lrs: optim.set_learning_rate(
@@ -245,7 +260,8 @@ class Engine:
     self.replica_shards = int(self.mesh.shape["replica"])
     # Per-replica constants, placed once: sliced block by block inside the programs.
     self._replica_constants = jax.device_put(
-        (self.hp, self.kind_codes, self.signal_codes), self.replica_sharding)
+        {"hp": self.hp, "kind_code": self.kind_codes, "signal_code": self.signal_codes},
+        self.replica_sharding)
     # Replica steps each program of this group runs on a device: one program per arm (at one row
     # per block) over the device's share of the replicas.
     local = self.num_replicas // self.replica_shards
@@ -320,9 +336,11 @@ class Engine:
 
   # ---------------------------------------------------------------- one replica
 
-  def _teacher_signal(self, signal: str, teachers: Teachers | None, x, student_logits, keys,
-                      hp: arms_lib.ReplicaHParams, step):
-    """(teacher logits, teacher features) of one replica for one signal kind."""
+  def _teacher_signal(self, signal: str, teachers: Teachers | None, peers, x, labels,
+                      student_logits, keys, hp: arms_lib.ReplicaHParams, step):
+    """(teacher logits, teacher features {name: map}) of one replica for one signal kind (see
+    arms_lib.TEACHER_SIGNALS); for a signal with `members` (ensembles) the logits are
+    [M, B, ...], one per member."""
     if signal == "noise":
       shape = student_logits.shape
       # The whole batch's noise, then this data shard's rows: the draws of a data=1 run.
@@ -333,59 +351,80 @@ class Engine:
         noise = jax.lax.dynamic_slice_in_dim(
             noise, jax.lax.axis_index(self._data_axis) * shape[0], shape[0])
       return noise, None
+    if signal == "peers":  # [M, B, ...]: the cohort's logits (this data shard's examples)
+      return peers[hp.member_slots], None
     if signal == "ensemble":
       # [M, B, C]: the members one after another, not vmapped (a vmapped conv is slow on
       # XLA:CPU); the loss averages over them (kdjax/arms.py, "Ensembles").
       return jnp.stack([
           self.teacher_module.apply(
-              jax.tree.map(lambda a, j=j: a[hp.ensemble_index[j]], teachers.variables), x,
-              train=False) for j in range(hp.ensemble_index.shape[-1])]), None
-    if signal == "teacher":
-      variables = jax.tree.map(lambda a: a[hp.teacher_index], teachers.variables)
-      if self._needs_features:
-        logits, features, _ = models_lib.apply_with_features(self.teacher_module, variables, x)
-        return logits, features[self.options.hint_feature]
-      return self.teacher_module.apply(variables, x, train=False), None
+              jax.tree.map(lambda a, j=j: a[hp.member_slots[j]], teachers.variables), x,
+              train=False) for j in range(hp.member_slots.shape[-1])]), None
+    if signal in ("teacher", "corrected_teacher", "calibrated_teacher"):
+      variables = jax.tree.map(lambda a: a[hp.teacher_slot], teachers.variables)
+      features = None
+      if self.feature_names:
+        logits, all_features, _ = models_lib.apply_with_features(self.teacher_module, variables,
+                                                                 x)
+        features = {n: all_features[n] for n in self.feature_names}
+      else:
+        logits = self.teacher_module.apply(variables, x, train=False)
+      if signal == "corrected_teacher":
+        logits = teacher_signals.swap_correct_logits(logits, labels)
+      if signal == "calibrated_teacher":
+        logits = logits / teachers.temperatures[hp.teacher_slot]
+      return logits, features
     return jnp.zeros_like(student_logits), None
 
-  def _replica_update(self, params, batch_stats, opt_state, keys, diverged, hp, kind_code,
-                      signal_code, x, labels, mask, step, teachers, *, kinds, signals):
-    """One optimiser step of one replica. `kinds`/`signals` are the loss kinds and teacher
-    signals this replica may have (one each when its arm is static).
+  def _replica_update(self, carry: dict, row: dict, batch: dict, step, teachers, peers, *,
+                      kinds, signals) -> dict:
+    """One optimiser step of one replica: `carry` {params, batch_stats, opt_state, diverged,
+    metrics}, `row` its constants {keys, hp, kind_code, signal_code}, `batch` {x, labels, mask}
+    (this data shard's part); returns the new carry. `kinds`/`signals` are the loss kinds and
+    teacher signals this replica may have (one each when its arm is static).
 
     Divergence isolation: when the loss, the gradients' norm or a new parameter is NaN/inf, or
     the replica had diverged before, its parameters, batch statistics and optimiser state stay
     as they were and it is marked diverged; replicas never mix, so the others are untouched."""
+    params, batch_stats, opt_state = carry["params"], carry["batch_stats"], carry["opt_state"]
+    hp, x, labels, mask = row["hp"], batch["x"], batch["labels"], batch["mask"]
     mutable = (["batch_stats"] if batch_stats else []) + \
-        (["features"] if self._needs_features else [])
-    rngs = {"dropout": self._dropout_key(keys["dropout"], step)}
+        (["features"] if self.feature_names else [])
+    rngs = {"dropout": self._dropout_key(row["keys"]["dropout"], step)}
+    group_needs = arms_lib.needs(kinds)
 
     def loss_fn(params):
       out, new_state = self.module.apply(_variables(params, batch_stats), x, train=True,
                                          mutable=mutable, rngs=rngs)
-      student_features = new_state.get("features", {}).get(self.options.hint_feature)
-      relations = None if "fgcr" not in kinds else teachers.class_relations[hp.teacher_index]
+      sown = new_state.get("features", {})
+      inputs = arms_lib.LossInputs(
+          student_logits=out, labels=labels, mask=mask, data_axis=self._data_axis,
+          student_features={n: sown[n] for n in self.feature_names} or None,
+          class_relations=teachers.class_relations[hp.teacher_slot]
+          if "class_relations" in group_needs else None)
 
-      def loss_of(kind, teacher_logits, teacher_features):
-        return arms_lib.kind_loss(kind, out, teacher_logits, labels, hp, step, self.options,
-                                  student_features=student_features,
-                                  teacher_features=teacher_features, class_relations=relations)
+      def loss_of(kind, teacher_logits, teacher_features=None):
+        return arms_lib.LOSS_KINDS[kind].loss(
+            inputs.replace(teacher_logits=teacher_logits, teacher_features=teacher_features),
+            hp, step, self.options)
 
-      # Each (signal, kind) pair of the group's arms that this replica may have; an ensemble's
-      # loss is the weighted mean of the kind's loss against each member.
+      # Each (signal, kind) pair of the group's arms that this replica may have; with a signal
+      # of several members the loss is the weighted mean of the kind's loss against each.
       per_signal = []
       for signal in signals:
         teacher_logits, teacher_features = jax.lax.stop_gradient(
-            self._teacher_signal(signal, teachers, x, out, keys, hp, step))
-        if signal == "ensemble":
-          values = [(arms_lib.LOSS_KINDS.index(k), sum(
-              hp.ensemble_weight[j] * loss_of(k, teacher_logits[j], None)
-              for j in range(teacher_logits.shape[0]))) for k in kinds if (signal, k) in self._pairs]
-        else:
-          values = [(arms_lib.LOSS_KINDS.index(k), loss_of(k, teacher_logits, teacher_features))
-                    for k in kinds if (signal, k) in self._pairs]
-        per_signal.append((arms_lib.TEACHER_SIGNALS.index(signal), _select(values, kind_code)))
-      per_example = _select(per_signal, signal_code)
+            self._teacher_signal(signal, teachers, peers, x, labels, out, row["keys"], hp, step))
+        values = []
+        for kind in (k for k in kinds if (signal, k) in self._pairs):
+          if arms_lib.TEACHER_SIGNALS[signal].members:
+            value = sum(hp.member_weights[j] * loss_of(kind, teacher_logits[j])
+                        for j in range(teacher_logits.shape[0]))
+          else:
+            value = loss_of(kind, teacher_logits, teacher_features)
+          values.append((_code(arms_lib.LOSS_KINDS, kind), value))
+        per_signal.append((_code(arms_lib.TEACHER_SIGNALS, signal),
+                           _select(values, row["kind_code"])))
+      per_example = _select(per_signal, row["signal_code"])
       return _masked_mean(per_example, mask, self._data_axis), \
           (out, new_state.get("batch_stats", {}))
 
@@ -397,13 +436,14 @@ class Engine:
         jnp.isfinite(optax.global_norm(new_params))
     if new_batch_stats:
       finite &= jnp.isfinite(optax.global_norm(new_batch_stats))
-    diverged = diverged | ~finite
+    diverged = carry["diverged"] | ~finite
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(diverged, o, n), new, old)
     correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
     metrics = {"loss": loss,
                "accuracy": self._data_sum(_masked_mean(correct, mask, self._data_axis))}
-    return (keep(new_params, params), keep(new_batch_stats, batch_stats),
-            keep(new_opt_state, opt_state), diverged, metrics)
+    return {"params": keep(new_params, params), "batch_stats": keep(new_batch_stats, batch_stats),
+            "opt_state": keep(new_opt_state, opt_state), "diverged": diverged,
+            "metrics": metrics}
 
   def _data_sum(self, tree):
     """Sum over the 'data' mesh axis (the identity without one)."""
@@ -456,14 +496,20 @@ class Engine:
     on first use: programs are shared by every block of the same pattern."""
     key = (what, pattern)
     if key not in self._programs:
+      # Specs are pytree prefixes of the arguments: a replica's state and constants are
+      # sharded over 'replica', its batch over 'replica' and 'data'.
       per_batch = P("replica", "data")
       body, carry_spec, per_replica_specs, shared_specs = {
-          # carry (params, batch_stats, opt_state, diverged, metrics); per replica (keys, hp,
-          # kind codes, signal codes, x, labels, mask); shared (step, teachers).
+          # carry {params, batch_stats, opt_state, diverged, metrics}; per replica {"row":
+          # {keys, hp, kind_code, signal_code}, "batch": {x, labels, mask}}; shared (step,
+          # teachers).
           "train": (self._train_rows, P("replica"),
-                    (P("replica"),) * 4 + (per_batch,) * 3, (P(), P())),
+                    {"row": P("replica"), "batch": per_batch}, (P(), P(), P(None, "data"))),
+          # carry: the peers' logits [R, B, ...]; per replica: its state and batch; shared: step.
+          "peers": (self._peer_rows, per_batch,
+                    {"state": P("replica"), "batch": per_batch}, (P(),)),
           # carry: logits [R, B, ...]; per replica: variables; shared: the input batch x.
-          "predict": (self._predict_rows, per_batch, (P("replica"),), (P("data"),)),
+          "predict": (self._predict_rows, per_batch, P("replica"), (P("data"),)),
       }[what]
       self._programs[key] = self._block_program(body, pattern, carry_spec, per_replica_specs,
                                                 shared_specs)
@@ -512,16 +558,23 @@ class Engine:
                             check_vma=False)
     return compilation.jit(local, donate_argnums=(0,))
 
-  def _train_rows(self, carry, rows, step, teachers, *, kinds, signals):
-    params, batch_stats, opt_state, diverged, _ = carry
-    keys, hp, kind_code, signal_code, x, labels, mask = rows
-    return self._replica_update(params, batch_stats, opt_state, keys, diverged, hp, kind_code,
-                                signal_code, x, labels, mask, step, teachers, kinds=kinds,
-                                signals=signals)
+  def _train_rows(self, carry, rows, step, teachers, peers, *, kinds, signals):
+    return self._replica_update(carry, rows["row"], rows["batch"], step, teachers, peers,
+                                kinds=kinds, signals=signals)
 
-  def _predict_rows(self, carry, rows, x, *, kinds, signals):
+  def _peer_rows(self, carry, rows, step, *, kinds, signals):
+    """One replica's logits on its batch as its update computes them (train mode, its dropout
+    draw of this step, the batch statistics of the batch), for its cohort's peers."""
     del carry, kinds, signals
-    (variables,) = rows
+    state, x = rows["state"], rows["batch"]["x"]
+    mutable = ["batch_stats"] if state["batch_stats"] else []
+    out, _ = self.module.apply(_variables(state["params"], state["batch_stats"]), x, train=True,
+                               mutable=mutable,
+                               rngs={"dropout": self._dropout_key(state["keys"]["dropout"], step)})
+    return out
+
+  def _predict_rows(self, carry, variables, x, *, kinds, signals):
+    del carry, kinds, signals
     return self.module.apply(variables, x, train=False)
 
   def _make_step_inputs(self, state: TrainState, order, arrays: Mapping[str, jax.Array]):
@@ -533,12 +586,15 @@ class Engine:
         augment_preset=tuple(r.augment for r in self.group.replicas))
     metrics = {name: jnp.zeros((self.num_replicas,), jnp.float32)
                for name in ("loss", "accuracy")}
-    inputs = (batch[self.spec.input_key], batch["label"], batch["mask"])
+    inputs = {"x": batch[self.spec.input_key], "labels": batch["label"], "mask": batch["mask"]}
+    # The peers' logits buffer [R, B, ..., C] of a group with mutual learning (else None).
+    peers = jnp.zeros(batch["label"].shape + (self.spec.num_classes,), jnp.float32) \
+        if self.reads_peers else None
     if self.mesh.devices.size > 1:  # laid out as the block programs read them
-      inputs = jax.lax.with_sharding_constraint(
-          inputs, NamedSharding(self.mesh, P("replica", "data")))
+      inputs, peers = jax.lax.with_sharding_constraint(
+          (inputs, peers), NamedSharding(self.mesh, P("replica", "data")))
       metrics = jax.lax.with_sharding_constraint(metrics, self.replica_sharding)
-    return inputs, metrics, state.step + 1
+    return inputs, metrics, state.step + 1, peers
 
   def train_step(self, state: TrainState, order, arrays: Mapping[str, jax.Array],
                  teachers: Teachers | None):
@@ -546,15 +602,28 @@ class Engine:
     each updating its rows of the state in place. `order` [R, N] is this epoch's order
     (`epoch_order`). The state's parameters, batch statistics and optimiser state are donated.
     Returns (the new state, {"loss", "accuracy"} [R] of this step)."""
-    inputs, metrics, next_step = self._step_inputs(state, order, arrays)
-    carry = (state.params, state.batch_stats, state.opt_state, state.diverged, metrics)
-    per_replica = (state.keys, *self._replica_constants, *inputs)
+    carry, per_replica, shared, next_step = self._block_inputs(state, order, arrays, teachers)
     for (offset, start), pattern in zip(self._block_args, self._train_patterns):
-      carry = self._program("train", pattern)(carry, per_replica, (state.step, teachers),
-                                              offset, start)
-    params, batch_stats, opt_state, diverged, metrics = carry
-    return state.replace(step=next_step, params=params, batch_stats=batch_stats,
-                         opt_state=opt_state, diverged=diverged), metrics
+      carry = self._program("train", pattern)(carry, per_replica, shared, offset, start)
+    metrics = carry.pop("metrics")
+    return state.replace(step=next_step, **carry), metrics
+
+  def _block_inputs(self, state: TrainState, order, arrays, teachers):
+    """(carry, per-replica inputs, shared inputs, next step) of the training block programs of
+    one step from `state`: this step's batches (`_step_inputs`), the state's rows, the replica
+    constants, and shared (step, teachers, peers): with mutual learning `peers` [R, B, ..., C]
+    is every replica's logits on its batch from the state before the step (its own forward
+    pass of the update, computed first by the 'peers' block programs), else None."""
+    batch, metrics, next_step, peers = self._step_inputs(state, order, arrays)
+    carry = {"params": state.params, "batch_stats": state.batch_stats,
+             "opt_state": state.opt_state, "diverged": state.diverged, "metrics": metrics}
+    per_replica = {"row": {"keys": state.keys, **self._replica_constants}, "batch": batch}
+    if peers is not None:  # every replica's logits on its batch, before any update
+      rows = {"state": {"params": state.params, "batch_stats": state.batch_stats,
+                        "keys": state.keys}, "batch": batch}
+      for (offset, start), pattern in zip(self._block_args, self._predict_patterns):
+        peers = self._program("peers", pattern)(peers, rows, (state.step,), offset, start)
+    return carry, per_replica, (state.step, teachers, peers), next_step
 
   def train_steps(self, state: TrainState, order, arrays: Mapping[str, jax.Array],
                   teachers: Teachers | None, n: int):
@@ -583,18 +652,16 @@ class Engine:
     per block in block order, donated as `train_step` donates them: for XLA's cost and memory
     analysis (benchmarks/cost_model.py). `pattern` replaces every block's own (e.g. one vmapped
     segment of all rows that computes every kind present). Runs the step's batch building."""
-    inputs, metrics, _ = self._step_inputs(state, order, arrays)
-    carry = (state.params, state.batch_stats, state.opt_state, state.diverged, metrics)
-    per_replica = (state.keys, *self._replica_constants, *inputs)
+    carry, per_replica, shared, _ = self._block_inputs(state, order, arrays, teachers)
     return [jax.jit(self._program("train", pattern or own), donate_argnums=(0,)).lower(
-        carry, per_replica, (state.step, teachers), offset, start)
+        carry, per_replica, shared, offset, start)
             for (offset, start), own in zip(self._block_args, self._train_patterns)]
 
   def predict(self, variables, x):
     """Logits of every replica on one shared input batch x: [R, B, ...classes]."""
     out = self._empty_logits(variables, x)
     for (offset, start), pattern in zip(self._block_args, self._predict_patterns):
-      out = self._program("predict", pattern)(out, (variables,), (x,), offset, start)
+      out = self._program("predict", pattern)(out, variables, (x,), offset, start)
     return out
 
   def _empty_logits(self, variables, x):
@@ -622,22 +689,16 @@ class Engine:
     exactly once; padded last batch masked). `on_logits(index, logits, mask)`, if given, also
     sees every eval batch's logits [R, B, ...] and its mask (kdjax.train's similarity curves):
     one forward pass serves both."""
-    num = eval_arrays["label"].shape[0]
-    indices, masks = data_lib.eval_indices(num, batch_size)
     totals = np.zeros((3, self.num_replicas))
-    for index, (idx, mask) in enumerate(zip(indices, masks)):
-      batch = eval_batch_jit(eval_arrays, self.spec, idx, mask)
-      logits = self.predict(variables, batch[self.spec.input_key])
-      correct, ce, count = _eval_sums(logits, batch["label"], batch["mask"])
+    for batch in data_lib.eval_batches(eval_arrays, self.spec, batch_size):
+      logits = self.predict(variables, batch.x)
+      correct, ce, count = _eval_sums(logits, batch.labels, batch.mask)
       totals += np.stack([distributed.to_host(v) for v in (correct, ce, count)])
       if on_logits is not None:
-        on_logits(index, logits, mask)
+        on_logits(batch.index, logits, batch.mask)
     return {"accuracy": totals[0] / totals[2], "loss": totals[1] / totals[2]}
 
 
-@functools.partial(jax.jit, static_argnums=(1,))
-def eval_batch_jit(arrays, spec, indices, mask):
-  return data_lib.eval_batch(arrays, spec, indices, mask)
 
 
 @jax.jit

@@ -70,14 +70,28 @@ class Replica:
   teacher_augment: str = ""  # its teacher's augmentation preset, for arms that learn from one
   kd_window: str = ""  # its KD window as configured, "START-STOP" fractions ("" without one)
   ensemble: tuple[int, ...] = ()  # the teacher replicas it distils from as an ensemble
+  # Its cohort (mutual learning): the student replicas, itself included, that learn from each
+  # other on shared batches; () for other arms.
+  cohort: tuple[int, ...] = ()
   # Its arm's loss weights from arm_options.ce_weight / kd_weight; None: the arm's default form
   # ((1 - alpha, alpha) for kd-like losses; kdjax.arms, "Loss weights").
   ce_weight: float | None = None
   kd_weight: float | None = None
 
   def to_json(self) -> dict[str, Any]:
-    """The replica as JSON values (what a metadata file round-trips to: lists, not tuples)."""
-    return {**dataclasses.asdict(self), "ensemble": list(self.ensemble)}
+    """The replica as JSON values (what a metadata file round-trips to: lists, not tuples); the
+    cohort only for replicas that have one."""
+    out = {**dataclasses.asdict(self), "ensemble": list(self.ensemble),
+           "cohort": list(self.cohort)}
+    if not self.cohort:
+      del out["cohort"]
+    return out
+
+  @property
+  def data_seed(self) -> int:
+    """The seed of its data order and augmentation: its own, or its cohort's first member's
+    (cohort members see the same batches; cohorts are consecutive seeds)."""
+    return self.seed - self.cohort.index(self.index) if self.cohort else self.seed
 
 
 def split_list(name: str, value) -> list:
@@ -316,28 +330,34 @@ def student_replicas(config, total_steps: int, specs: Sequence[ModelSpec],
         teacher_models = [None]
       # One entry per teacher set the arm is trained against: (teachers, composition).
       teacher_sets = [(group, None) for group in teacher_models]
-      if arm.teacher_signal == "teacher":
+      if arm.reads == "teacher":
         # Teachers trained with different augmentation are different teachers to learn from
         # (arXiv 2510.12615: a heavily augmented teacher); other arms would train duplicates.
         teacher_sets = [([t for t in group if t.augment == preset], None)
                         for group in teacher_models
                         for preset in dict.fromkeys(t.augment for t in group)]
-      elif arm.teacher_signal == "ensemble" and compositions:
+      elif arm.reads == "ensemble" and compositions:
         teacher_sets = [(group, c) for group in teacher_models for c in compositions]
       grid = list(itertools.product(alphas, temperatures, lrs, windows)) \
           if has_teacher_term else [(0.0, 1.0, lr, None) for lr in lrs]
       smoothing = float(config.arm_options.label_smoothing) \
           if arm_name == "label_smoothing" else 0.0
+      cohort_size = int(config.arm_options.get("mutual_cohort", 2)) \
+          if arm.teacher_signal == "peers" else 0
       for group, composition in teacher_sets:
         for alpha, temperature, lr, window in grid:
           start, stop = window or (0.0, 0.0)
+          first = len(rows)  # the row of seed 0 at this grid point
           for seed in range(int(config.num_seeds)):
+            cohort = () if not cohort_size else tuple(
+                first + s for s in range(seed - seed % cohort_size,
+                                         seed - seed % cohort_size + cohort_size))
             ensemble = ()
-            if arm.teacher_signal == "ensemble":
+            if arm.reads == "ensemble":
               ensemble = tuple(t.index for t in group) if composition is None else \
                   ensemble_members(group, composition, seed, int(config.num_teachers))
             augment_label = "" if group is None else \
-                group[0].augment if arm.teacher_signal == "teacher" else \
+                group[0].augment if arm.reads == "teacher" else \
                 "+".join(composition) if composition is not None else ""
             rows.append(Replica(
                 index=len(rows), stage="students", arm=arm_name, seed=seed,
@@ -349,7 +369,8 @@ def student_replicas(config, total_steps: int, specs: Sequence[ModelSpec],
                 model=spec.label, teacher_model="" if group is None else group[0].model,
                 teacher_augment=augment_label, ensemble=ensemble,
                 kd_window="" if window is None else window_label(window),
-                ce_weight=ce_weights.get(arm_name), kd_weight=kd_weights.get(arm_name)))
+                ce_weight=ce_weights.get(arm_name), kd_weight=kd_weights.get(arm_name),
+                cohort=cohort))
   return rows
 
 
@@ -366,6 +387,8 @@ def stream_keys(config_seed: int, replicas: Sequence[Replica], stream: str,
   for r in replicas:
     if stream == "init" and r.init == "teacher" and r.stage == "students":
       base = replica_key(config_seed, "teacher", teachers[r.teacher].seed)
+    elif stream in ("data", "augment"):  # a cohort shares its first member's batches
+      base = replica_key(config_seed, r.stage, r.data_seed)
     else:
       base = replica_key(config_seed, r.stage, r.seed)
     keys.append(jax.random.fold_in(base, STREAMS[stream]))
@@ -374,16 +397,24 @@ def stream_keys(config_seed: int, replicas: Sequence[Replica], stream: str,
 
 def hparams(replicas: Sequence[Replica],
             teacher_indices: Sequence[int] = ()) -> arms_lib.ReplicaHParams:
-  """The stacked per-replica loss hyperparameters ([R] leaves). `teacher_index` is the position
+  """The stacked per-replica loss hyperparameters ([R] leaves). `teacher_slot` is the position
   of a replica's teacher in `teacher_indices` (the teacher replicas its program is given);
-  `ensemble_index` / `ensemble_weight` [R, M] those of its ensemble's members and 1/M each."""
+  `member_slots` / `member_weights` [R, M] those of its ensemble's members and 1/M each, or of
+  its cohort's members in `replicas` (the program's own replicas) with 1/(K - 1) on each peer
+  and 0 on itself."""
   column = lambda name, dtype: np.array([getattr(r, name) for r in replicas], dtype)
   position = {t: i for i, t in enumerate(teacher_indices)}
-  # Ensembles padded to the largest one: weights 1/M on members, 0 on padding.
-  size = max([len(r.ensemble) for r in replicas] + [1])
+  local = {r.index: i for i, r in enumerate(replicas)}
+  # Members padded to the largest ensemble or cohort: weight 0 on padding.
+  size = max([len(r.ensemble) for r in replicas] + [len(r.cohort) for r in replicas] + [1])
   members = np.zeros((len(replicas), size), np.int32)
   weights = np.zeros((len(replicas), size), np.float32)
   for i, r in enumerate(replicas):
+    if r.cohort:
+      members[i, :len(r.cohort)] = [local[j] for j in r.cohort]
+      weights[i, :len(r.cohort)] = [0.0 if j == r.index else 1.0 / (len(r.cohort) - 1)
+                                    for j in r.cohort]
+      continue
     members[i, :len(r.ensemble)] = [position[t] for t in r.ensemble]
     weights[i, :len(r.ensemble)] = 1.0 / max(len(r.ensemble), 1)
   fixed = [getattr(r, "ce_weight", None) is not None for r in replicas]
@@ -391,8 +422,8 @@ def hparams(replicas: Sequence[Replica],
       alpha=column("alpha", np.float32), temperature=column("temperature", np.float32),
       label_smoothing=column("label_smoothing", np.float32),
       kd_start=column("kd_start", np.int32), kd_stop=column("kd_stop", np.int32),
-      teacher_index=np.array([position.get(r.teacher, 0) for r in replicas], np.int32),
-      ensemble_index=members, ensemble_weight=weights,
+      teacher_slot=np.array([position.get(r.teacher, 0) for r in replicas], np.int32),
+      member_slots=members, member_weights=weights,
       ce_weight=np.array([r.ce_weight if f else 0.0 for r, f in zip(replicas, fixed)],
                          np.float32),
       kd_weight=np.array([r.kd_weight if f else 0.0 for r, f in zip(replicas, fixed)],

@@ -38,6 +38,7 @@ from kdjax import models as models_lib
 from kdjax import optim
 from kdjax import replicas as replicas_lib
 from kdjax import stats
+from kdjax.data import splits as splits_lib
 
 ALL_STAGES = ("teacher", "students", "analysis")
 EXECUTIONS = ("auto", "vmap", "unrolled", "blocked")
@@ -183,7 +184,11 @@ class Study:
   # (None for the default mesh, which is per group: `group_mesh`).
   num_devices: int | None = None
   mesh: tuple[int, int] | None = None
-  # The loaded splits {"train": arrays, "test": arrays} once `load_data` ran.
+  # The fraction of the training split held out as the validation split ("val" in `data`;
+  # kdjax.data.splits); `num_train` counts the rest.
+  val_fraction: float = 0.0
+  num_val: int = 0
+  # The loaded splits {"train", "test"[, "val"]: arrays} once `load_data` ran.
   data: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
   def stage(self, name: str) -> Stage:
@@ -383,7 +388,7 @@ def resolve(config) -> Study:
       "ensembles", config.get("ensembles", ""), replicas_lib.teacher_augments(config)),
       "ensembles")
   if ensembles:
-    ensemble_arms = [a for a in arms_lib.ARMS.values() if a.teacher_signal == "ensemble"]
+    ensemble_arms = [a for a in arms_lib.ARMS.values() if a.reads == "ensemble"]
     if not any(a.name in arm_names for a in ensemble_arms):
       raise ConfigError("ensembles", "is set, but no arm learns from an ensemble; add one of "
                         f"{', '.join(a.name for a in ensemble_arms)} to arms or set ensembles=''")
@@ -393,6 +398,12 @@ def resolve(config) -> Study:
                         f"ensemble in ensembles ({config.ensembles!r}), so that its members are "
                         f"different teachers; got {config.num_teachers}")
   options, dkd_warmup_epochs = _loss_options(config)
+  cohort_arms = [a for a in arm_names
+                 if "peers" in arms_lib.TEACHER_SIGNALS[arms_lib.ARMS[a].teacher_signal].needs]
+  if cohort_arms and int(config.num_seeds) % options.mutual_cohort:
+    raise ConfigError("num_seeds", f"must be a multiple of arm_options.mutual_cohort="
+                      f"{options.mutual_cohort}: arm {cohort_arms[0]} trains cohorts of that "
+                      f"many seeds that learn from each other; got {config.num_seeds}")
   analyses = ()
   if config.get("analyses", ""):
     from kdjax.analysis import sections  # pylint: disable=g-import-not-at-top  (a name table)
@@ -426,6 +437,19 @@ def resolve(config) -> Study:
   if not num_train:
     raise ConfigError("dataset", f"the train split of {name} has no examples; train and test "
                       "need at least one each")
+  val_fraction = _number(config, "val_fraction", low=0.0, high=0.5) \
+      if "val_fraction" in config else 0.0
+  num_val = splits_lib.validation_size(num_train, val_fraction)
+  if val_fraction and not num_val:
+    raise ConfigError("val_fraction", f"holds out no example of the {num_train} training "
+                      f"examples; use at least {0.5 / num_train:.2g} or 0 for no validation split")
+  num_train -= num_val
+  for arm in arm_names:
+    if "validation" in arms_lib.TEACHER_SIGNALS[arms_lib.ARMS[arm].teacher_signal].needs \
+        and not num_val:
+      raise ConfigError("val_fraction", f"must be > 0 for arm {arm}: its teachers are "
+                        "calibrated on a validation split carved from the training split "
+                        "(e.g. --config.val_fraction=0.1)")
   if batch_size > num_train:
     raise ConfigError("batch_size", f"must be at most the {num_train} training examples")
 
@@ -451,14 +475,16 @@ def resolve(config) -> Study:
   if options.teacher_loss == "regt" and spec.num_classes < 3:
     raise ConfigError("arm_options.teacher_loss", f"'regt' needs at least 3 classes; "
                       f"{name} has {spec.num_classes}")
-  if "feature_hint" in arm_names:
+  kinds = tuple(dict.fromkeys(arms_lib.ARMS[a].loss for a in arm_names))
+  if "features" in arms_lib.needs(kinds):
     for group in students.groups:
       if group.teacher_model is not None:
-        _check_hint(config, group.model, group.teacher_model, spec)
+        _check_features(options, kinds, group.model, group.teacher_model, spec)
   return Study(
       config=config, dataset=spec, num_train=num_train, num_eval=num_eval, stages=stages,
       analyses=analyses, teacher=teacher, students=students, loss_options=options,
-      run=_run_settings(config), mesh_request=_mesh_request(config.get("mesh")))
+      run=_run_settings(config), mesh_request=_mesh_request(config.get("mesh")),
+      val_fraction=val_fraction, num_val=num_val)
 
 
 def _run_settings(config) -> RunSettings:
@@ -536,9 +562,12 @@ def load_data(study: Study) -> Study:
   if study.data:
     return study
   name, data_dir = study.dataset.name, study.config.get("data_dir") or None
-  splits = _splits(name, data_dir)
+  splits = dict(_splits(name, data_dir))
   _check_splits(name, study.dataset, splits)
-  return dataclasses.replace(study, data=dict(splits))
+  if study.num_val:  # the validation split, carved from train (kdjax.data.splits)
+    splits["train"], splits["val"] = splits_lib.carve_validation(splits["train"],
+                                                                 study.val_fraction)
+  return dataclasses.replace(study, data=splits)
 
 
 _LOADED: dict = {}  # the last dataset's splits: {(name, data_dir, file stamp): splits}
@@ -693,6 +722,27 @@ def _loss_options(config) -> arms_lib.LossOptions:
     extra["teacher_loss"] = _choice(config, f"{prefix}.teacher_loss", ("ce", "regt"))
   if "regt_weight" in o:
     extra["regt_weight"] = _number(config, f"{prefix}.regt_weight", low=0.0)
+  positive, non_negative = dict(low=0.0, low_inclusive=False), dict(low=0.0)
+  for key, bounds in (("nkd_temperature", positive), ("nkd_gamma", non_negative),
+                      ("dist_temperature", positive), ("dist_beta", non_negative),
+                      ("dist_gamma", non_negative), ("dist_weight", non_negative),
+                      ("ttm_gamma", positive), ("ttm_weight", non_negative),
+                      ("wttm_gamma", positive), ("wttm_weight", non_negative),
+                      ("at_weight", non_negative), ("mutual_temperature", positive)):
+    if key in o:
+      extra[key] = _number(config, f"{prefix}.{key}", **bounds)
+  if "mutual_cohort" in o:
+    extra["mutual_cohort"] = _int(config, f"{prefix}.mutual_cohort", low=2)
+  if "at_features" in o:
+    names = _names_or_error(lambda: tuple(
+        n.strip() if isinstance(n, str) else n
+        for n in replicas_lib.split_list("at_features", o.at_features)),
+        f"{prefix}.at_features")
+    if not names or len(set(names)) != len(names) or not all(isinstance(n, str) for n in names):
+      raise ConfigError(f"{prefix}.at_features", "must name the feature maps to match, "
+                        f"comma-separated and each once (e.g. 'block1,block2'); got "
+                        f"{o.at_features!r}")
+    extra["at_features"] = names
   # The DKD warm-up in epochs (mdistiller: 20); configs written before it gave steps.
   if "dkd_warmup_epochs" in o:
     warmup_epochs = _number(config, f"{prefix}.dkd_warmup_epochs", low=0.0)
@@ -730,22 +780,33 @@ def _weights_key(config) -> str:
   return "arm_options.kd_weight"
 
 
-def _check_hint(config, student: replicas_lib.ModelSpec, teacher: replicas_lib.ModelSpec,
-                spec) -> None:
+def _check_features(options: arms_lib.LossOptions, kinds, student: replicas_lib.ModelSpec,
+                    teacher: replicas_lib.ModelSpec, spec) -> None:
+  """Every feature map the loss kinds `kinds` match (`LossKind.features`) exists in both models
+  and agrees between them as the kind needs (`LossKind.feature_match`)."""
   x = spec.example_input()
-  feature = config.arm_options.hint_feature
-  shapes = []
+  shapes = {}
   for model in (student, teacher):
     module = model.module(spec.num_classes)
-    names = models_lib.feature_names(module, x)
-    if feature not in names:
-      raise ConfigError("arm_options.hint_feature", f"must be one of {', '.join(names)} "
-                        f"(the features {model.label} sows); got {feature!r}")
-    variables = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), x, train=False))
+    variables = jax.eval_shape(lambda m=module: m.init(jax.random.PRNGKey(0), x, train=False))
     _, features, _ = jax.eval_shape(
-        lambda v: models_lib.apply_with_features(module, v, x), variables)
-    shapes.append(tuple(features[feature].shape))
-  if shapes[0] != shapes[1]:
-    raise ConfigError("arm_options.hint_feature", f"student feature {shapes[0]} of "
-                      f"{student.label} and teacher feature {shapes[1]} of {teacher.label} "
-                      "differ in shape; feature_hint needs equal shapes")
+        lambda v, m=module: models_lib.apply_with_features(m, v, x), variables)
+    shapes[model.label] = {n: tuple(f.shape) for n, f in features.items()}
+  for kind in (arms_lib.LOSS_KINDS[k] for k in kinds):
+    if kind.features is None:
+      continue
+    key = "arm_options." + next(o for o in kind.options if o in ("hint_feature", "at_features"))
+    for name in kind.features(options):
+      for model in (student, teacher):
+        if name not in shapes[model.label]:
+          raise ConfigError(key, f"must be one of {', '.join(shapes[model.label])} (the "
+                            f"features {model.label} sows); got {name!r}")
+      a, b = shapes[student.label][name], shapes[teacher.label][name]
+      if kind.feature_match == "spatial" and a[:-1] != b[:-1]:
+        raise ConfigError(key, f"student feature {name} {a} of {student.label} and teacher "
+                          f"feature {b} of {teacher.label} differ in their spatial size; "
+                          f"{kind.name} needs equal [..., H, W] (channels may differ)")
+      if kind.feature_match == "shape" and a != b:
+        raise ConfigError(key, f"student feature {a} of {student.label} and teacher feature "
+                          f"{b} of {teacher.label} differ in shape; {kind.name} needs equal "
+                          "shapes")

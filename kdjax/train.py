@@ -30,15 +30,16 @@ import numpy as np
 from absl import logging
 
 from kdjax import arms as arms_lib
+from kdjax import calibration as calibration_lib
 from kdjax import checkpoint as checkpoint_lib
 from kdjax import data as data_lib
 from kdjax import distributed
 from kdjax import losses
 from kdjax import metrics as metrics_lib
 from kdjax import preemption
-from kdjax import workdir as workdir_lib
-from kdjax.engine import Engine, Teachers, eval_batch_jit
 from kdjax import study as study_lib
+from kdjax import workdir as workdir_lib
+from kdjax.engine import Engine, Teachers
 from kdjax.study import Study
 
 
@@ -139,15 +140,26 @@ def run_stage(study: Study, stage: str, workdir: str) -> None:
     teacher_list, teacher_states = load_final_state(study, workdir, "teacher")
     teacher_eval = teacher_eval_logits(study, teacher_list, teacher_states)
     teacher_engines = {e.group.key: e for e in teacher_list}
+    calibration = None
+    if study.num_val:  # the teachers' temperatures on the validation split, recorded
+      calibration = teacher_calibration(study, teacher_list, teacher_states)
+      if distributed.is_primary():
+        workdir_lib.makedirs(stage_dir(workdir, stage))
+        workdir_lib.write_text(workdir_lib.join(stage_dir(workdir, stage), CALIBRATION_FILE),
+                               json.dumps(calibration, indent=1) + "\n")
     for engine in stage_engines if uses_teacher else ():
       if engine.group.teacher_group is not None:
         variables = teacher_states[engine.group.teacher_group].variables()
-        relations = None
-        if "fgcr" in engine.kinds:
+        relations = temperatures = None
+        if "class_relations" in engine.needs:
           relations = class_relations(teacher_engines[engine.group.teacher_group], variables,
                                       study.data["train"], run.eval_batch_size)
+        if calibration is not None:
+          temperatures = np.array([calibration["temperatures"][i]
+                                   for i in engine.group.teacher_indices], np.float32)
         teachers[engine.group.key] = jax.device_put(Teachers(
-            variables=variables, class_relations=relations), engine.replicated)
+            variables=variables, class_relations=relations, temperatures=temperatures),
+            engine.replicated)
     del teacher_states, teacher_engines, teacher_list
 
   # The splits on every mesh of the stage's groups (one copy per distinct mesh).
@@ -267,18 +279,50 @@ def class_relations(engine: Engine, variables, train: dict, batch_size: int) -> 
   group) from its logits on the un-augmented train split `train` (host arrays), the global class
   relations that the fgcr arm fuses in (arXiv 2405.13078). Computed once, before the students
   train; every example counts once (padded eval batches, padding cut off)."""
-  spec = engine.spec
-  arrays = data_lib.to_device(train, engine.replicated)
-  num = len(train["label"])
-  indices, masks = data_lib.eval_indices(num, batch_size)
-  parts = []
-  for idx, mask in zip(indices, masks):
-    batch = eval_batch_jit(arrays, spec, idx, mask)
-    parts.append(distributed.to_host(engine.predict(variables, batch[spec.input_key])))
-  logits = np.concatenate(parts, axis=1)[:, :num]  # slots are in example order
+  logits = split_logits(engine, variables, train, batch_size)
   labels = np.asarray(train["label"])
   return np.stack([np.asarray(losses.class_relation_matrix(
-      logits[j], labels, spec.num_classes)) for j in range(logits.shape[0])])
+      logits[j], labels, engine.spec.num_classes)) for j in range(logits.shape[0])])
+
+
+def split_logits(engine: Engine, variables, split: dict, batch_size: int) -> np.ndarray:
+  """[R, N, ...]: every replica of `engine` on a whole split `split` (host arrays), in example
+  order, un-augmented (padded eval batches, the padding cut off)."""
+  arrays = data_lib.to_device(split, engine.replicated)
+  parts = [distributed.to_host(engine.predict(variables, batch.x))
+           for batch in data_lib.eval_batches(arrays, engine.spec, batch_size)]
+  return np.concatenate(parts, axis=1)[:, :len(split["label"])]  # slots in example order
+
+
+CALIBRATION_FILE = "calibration.json"
+
+
+def teacher_calibration(study: Study, teacher_engines, teacher_states) -> dict:
+  """Post-hoc temperature scaling of every teacher on the validation split (Guo et al. 2017;
+  kdjax.calibration.fit_temperature): {"temperatures": [T], "teachers": [{"index",
+  "temperature", "val": report, "test": report}]}, each report the ECE (15 bins) and NLL before
+  and after scaling (`kdjax.calibration.calibration_report`). The test split only reports: the
+  temperature never sees it."""
+  logits = {}
+  for split in ("val", "test"):
+    out = None
+    for engine in teacher_engines:
+      part = split_logits(engine, teacher_states[engine.group.key].variables(),
+                          study.data[split], study.run.eval_batch_size)
+      if out is None:
+        out = np.empty((len(study.teacher.replicas),) + part.shape[1:], part.dtype)
+      out[list(engine.group.indices)] = part
+    logits[split] = out
+  records = []
+  for t in study.teacher.replicas:
+    temperature = calibration_lib.fit_temperature(logits["val"][t.index],
+                                                  study.data["val"]["label"])
+    records.append({"index": t.index, "temperature": temperature, **{
+        split: calibration_lib.calibration_report(logits[split][t.index],
+                                                  study.data[split]["label"], temperature)
+        for split in ("val", "test")}})
+  return {"temperatures": [r["temperature"] for r in records], "teachers": records,
+          "num_val": study.num_val, "val_fraction": study.val_fraction}
 
 
 def _note_divergence(stage, stage_engines, states, metadata: dict, step: int) -> None:
@@ -429,25 +473,24 @@ def _teacher_finished(study: Study, workdir: str) -> bool:
 def teacher_eval_logits(study: Study, teacher_engines, teacher_states) -> TeacherEval:
   """Every teacher's logits on the eval split, per padded eval batch (see TeacherEval)."""
   test = study.data["test"]
-  batch_size = study.run.eval_batch_size
-  indices, masks = data_lib.eval_indices(len(test["label"]), batch_size)
   num_teachers = len(study.teacher.replicas)
-  placed = {}
+  streams = {}  # the split streamed once per mesh the teachers are laid out on
   for engine in teacher_engines:
-    if engine.mesh not in placed:
-      placed[engine.mesh] = data_lib.to_device(test, engine.replicated)
+    if engine.mesh not in streams:
+      streams[engine.mesh] = data_lib.eval_batches(
+          data_lib.to_device(test, engine.replicated), study.dataset, study.run.eval_batch_size)
   logits, labels = [], []
-  for idx in indices:
+  for batches in zip(*streams.values()):
+    batch = dict(zip(streams, batches))
     out = None
     for engine in teacher_engines:
-      batch = eval_batch_jit(placed[engine.mesh], engine.spec, idx, np.ones(len(idx), np.float32))
       part = distributed.to_host(engine.predict(teacher_states[engine.group.key].variables(),
-                                                batch[engine.spec.input_key]))
+                                                batch[engine.mesh].x))
       if out is None:
         out = np.empty((num_teachers,) + part.shape[1:], part.dtype)
       out[list(engine.group.indices)] = part
     logits.append(out)
-    labels.append(np.asarray(test["label"])[idx])
+    labels.append(np.asarray(test["label"])[batches[0].indices])
   replicas = study.students.replicas
   compared = np.array([r.teacher if r.teacher >= 0 else r.seed % num_teachers for r in replicas],
                       np.int32)

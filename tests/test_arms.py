@@ -43,8 +43,8 @@ def _hp(alpha=0.3, temperature=2.0, *, weights=None, kd_start=0, kd_stop=100):
   ce_w, kd_w = weights or (0.0, 0.0)
   return arms_lib.ReplicaHParams(
       alpha=alpha, temperature=temperature, label_smoothing=0.0, kd_start=kd_start,
-      kd_stop=kd_stop, teacher_index=0, ensemble_index=np.zeros(1, np.int32),
-      ensemble_weight=np.ones(1, np.float32), ce_weight=ce_w, kd_weight=kd_w,
+      kd_stop=kd_stop, teacher_slot=0, member_slots=np.zeros(1, np.int32),
+      member_weights=np.ones(1, np.float32), ce_weight=ce_w, kd_weight=kd_w,
       fixed_weights=float(weights is not None))
 
 
@@ -179,3 +179,51 @@ def test_every_kind_is_differentiable_with_fixed_weights():
     grad = jax.grad(lambda s, k=kind: arms_lib.kind_loss(
         k, s, t, y, _hp(weights=(0.2, 3.0)), 0, options, class_relations=relations).sum())(s)
     assert np.all(np.isfinite(grad)), kind
+
+
+def test_every_arm_names_a_recorded_signal_and_loss_kind_and_options_have_one_home():
+  """Each arm's teacher signal and loss kind are records; every LossOptions field is read by a
+  loss kind that lists it, except the noise signal's range and the teachers' loss (study-wide)."""
+  import dataclasses as dc
+  for arm in arms_lib.ARMS.values():
+    assert arm.teacher_signal in arms_lib.TEACHER_SIGNALS, arm
+    assert arm.loss in arms_lib.LOSS_KINDS, arm
+  claimed = {o for kind in arms_lib.LOSS_KINDS.values() for o in kind.options}
+  fields = {f.name for f in dc.fields(arms_lib.LossOptions)}
+  assert claimed <= fields
+  assert fields - claimed == {"rcd_minval", "rcd_maxval", "teacher_loss"}
+  assert arms_lib.needs(["kd", "fgcr", "feature_hint"]) == {"class_relations", "features"}
+  assert arms_lib.needs(["ce", "kd"]) == frozenset()
+
+
+@pytest.mark.parametrize("overrides,key,words", [
+    (dict(arms="attention_transfer", arm_options__at_features="block1,bogus"),
+     "arm_options.at_features", ["bogus", "the features"]),
+    (dict(arms="kd_calibrated"), "val_fraction", ["kd_calibrated", "> 0"]),
+    (dict(arms="kd", val_fraction=0.6), "val_fraction", ["0.5"]),
+    (dict(arms="mutual", num_seeds=3), "num_seeds", ["mutual_cohort=2"]),
+    (dict(arms="mutual", num_seeds=4, arm_options__mutual_cohort=1),
+     "arm_options.mutual_cohort", [">= 2"]),
+])
+def test_issue16_arms_refuse_what_they_cannot_run(overrides, key, words):
+  with pytest.raises(study_lib.ConfigError) as info:
+    study_lib.resolve(_config(**overrides))
+  assert info.value.key == key and "\n" not in str(info.value)
+  for w in words:
+    assert w in str(info.value), str(info.value)
+
+
+def test_validation_split_is_carved_from_train_the_same_for_every_run():
+  """val_fraction 0.1 of digits' 1198 training examples: 120 held out by the documented fixed
+  permutation (numpy RandomState(0)), the rest trains; the eval split is untouched."""
+  study = study_lib.load_data(study_lib.resolve(_config(arms="kd_calibrated,kd",
+                                                        val_fraction=0.1)))
+  full = study_lib.load_data(study_lib.resolve(_config(arms="kd")))
+  assert (study.num_val, study.num_train) == (120, 1078) and full.num_train == 1198
+  held = np.sort(np.random.RandomState(0).permutation(1198)[:120])
+  rest = np.setdiff1d(np.arange(1198), held)
+  for key in ("image", "label"):
+    np.testing.assert_array_equal(study.data["val"][key], full.data["train"][key][held])
+    np.testing.assert_array_equal(study.data["train"][key], full.data["train"][key][rest])
+    np.testing.assert_array_equal(study.data["test"][key], full.data["test"][key])
+  assert study.students.steps_per_epoch == -(-1078 // study.run.batch_size)

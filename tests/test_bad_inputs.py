@@ -118,6 +118,8 @@ ACCEPTED = {
     "ensembles:empty": "the default: every teacher is a member",
     "analyses:empty": "the default: no study-specific section",
     "arm_options.hint_feature:unknown": "read by feature_hint only (checked when it is an arm)",
+    "arm_options.at_features:unknown": "read by attention_transfer only (checked when it is an "
+                                        "arm)",
     "arm_options.rcd_minval:negative": "the noise teachers' logits may start below 0",
     "analysis_options.equivalence_margins:empty": "the default margins",
 }

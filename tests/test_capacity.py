@@ -38,8 +38,8 @@ def _hp(alpha, temperature):
   return arms_lib.ReplicaHParams(
       alpha=jnp.float32(alpha), temperature=jnp.float32(temperature),
       label_smoothing=jnp.float32(0.0), kd_start=jnp.int32(0), kd_stop=jnp.int32(10**6),
-      teacher_index=jnp.int32(0), ensemble_index=jnp.zeros(1, jnp.int32),
-      ensemble_weight=jnp.zeros(1, jnp.float32))
+      teacher_slot=jnp.int32(0), member_slots=jnp.zeros(1, jnp.int32),
+      member_weights=jnp.zeros(1, jnp.float32))
 
 
 @pytest.fixture(scope="module")

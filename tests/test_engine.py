@@ -419,6 +419,9 @@ ALL_ARMS = ("kd", "rcd", "siddo", "onehot", "label_smoothing", "ensemble_kd",
 # unrolled run here takes only the other arms.
 UNROLLED_ARMS = ("label_smoothing", "ensemble_kd", "ensemble_standardized_kd", "standardized_kd",
                  "ats", "isats", "dkd", "feature_hint")
+# Issue 16's arms: the logit baselines at their authors' defaults and the teacher-error controls.
+NEW_ARMS = ("nkd", "dist", "ttm", "wttm", "attention_transfer", "kd_correct_only",
+            "kd_corrected")
 ALPHA, TEMPERATURE, RCD_RANGE = 0.3, 2.0, (-1.0, 2.0)
 # arm_options.dkd_warmup_epochs = 0.5 of 10 steps: the DKD term at 1/5 of its strength at step 0
 # and in full from step 4.
@@ -479,6 +482,28 @@ def _reference_loss(arm: str, params, teacher_vars, x, y, *, step: int, seed: in
                                                 temperature=t)
   elif arm == "feature_hint":
     per_example = ce + 1.0 * losses.feature_hint_loss(feats["block1"], teacher_feats["block1"])
+  elif arm == "nkd":  # the authors' CE + NKD at temp 1, gamma 1.5
+    per_example = ce + losses.nkd_loss(logits, teacher_logits, y, temperature=1.0, gamma=1.5)
+  elif arm == "dist":  # CE + 2 DIST over the batch's real examples (T = 1, beta = gamma = 1)
+    per_example = ce + 2.0 * losses.dist_loss(logits[:num_real], teacher_logits[:num_real])
+  elif arm == "ttm":
+    per_example = ce + 45.0 * losses.ttm_loss(logits, teacher_logits, gamma=0.1)
+  elif arm == "wttm":
+    per_example = ce + 4.0 * losses.wttm_loss(logits, teacher_logits, gamma=0.2)
+  elif arm == "attention_transfer":  # beta = 1e3 times the sum over block1 and block2
+    per_example = ce + 1000.0 * sum(losses.attention_transfer_loss(feats[n], teacher_feats[n])
+                                    for n in ("block1", "block2"))
+  elif arm == "kd_correct_only":  # the KD term only where the teacher's top class is the label
+    correct = (jnp.argmax(teacher_logits, -1) == y).astype(jnp.float32)
+    kl = losses.kl_divergence(teacher_logits, logits, temperature=t)
+    per_example = (1 - a) * ce + a * t**2 * kl * correct
+  elif arm == "kd_corrected":  # where the teacher is wrong, the label's and the top logit swap
+    top = jnp.argmax(teacher_logits, -1)
+    rows = jnp.arange(y.shape[0])
+    at_top, at_label = teacher_logits[rows, top], teacher_logits[rows, y]
+    corrected = teacher_logits.at[rows, top].set(at_label).at[rows, y].set(at_top)
+    assert bool(jnp.any(top != y))  # the untrained teacher is wrong on some examples
+    per_example = losses.kd_loss(logits, corrected, y, alpha=a, temperature=t)
   else:
     raise AssertionError(arm)
   return jnp.mean(per_example[:num_real])
@@ -496,8 +521,9 @@ def _teacher_variables(teachers) -> list[dict]:
   return [{"params": _row(teachers.variables["params"], j)} for j in range(2)]
 
 
-@pytest.mark.parametrize("execution,arms", [("blocked", UNROLLED_ARMS), ("vmap", ALL_ARMS)],
-                         ids=["blocked", "vmap"])
+@pytest.mark.parametrize("execution,arms", [("blocked", UNROLLED_ARMS), ("vmap", ALL_ARMS),
+                                            ("blocked", NEW_ARMS), ("vmap", NEW_ARMS)],
+                         ids=["blocked", "vmap", "blocked-issue16", "vmap-issue16"])
 def test_each_arm_trains_on_the_loss_kdjax_losses_defines(execution, arms, teachers):
   """One engine step per arm against a manual step on the same batch: the logged loss and the
   updated parameters (p - lr (grad + wd p): the first SGD-momentum step, cosine factor 1) at
@@ -539,6 +565,48 @@ def test_each_arm_trains_on_the_loss_kdjax_losses_defines(execution, arms, teach
                                  err_msg=f"{execution} {arm} loss at step {step}")
 
 
+@pytest.mark.parametrize("execution", ["blocked", "vmap"])
+def test_mutual_learning_cohorts_share_batches_and_learn_from_each_other(execution):
+  """Deep mutual learning (Zhang et al. 2018), cohorts of 2: seeds 0 and 1 see seed 0's batches;
+  each replica's first step equals a manual step of CE + KL(p_peer || p_self) at T = 1 with the
+  peer's logits on the same batch as constants; seeds 2 and 3 form the second cohort on seed
+  2's batches (the last step's batch is padded: only real examples count)."""
+  study = study_lib.load_data(study_lib.resolve(_config(
+      arms="mutual", num_seeds=4, execution=execution, replicas_per_block=3)))
+  assert [r.cohort for r in study.students.replicas] == [(0, 1), (0, 1), (2, 3), (2, 3)]
+  engine = _engine(study, "students")
+  arrays, _ = _placed(engine, study)
+  x_all, y_all = _digits_inputs("train", study.dataset)
+  module = models.get("cnn", num_classes=10, width=0.25)
+  lr, wd = 0.1, study.config.optimizer.weight_decay
+  state = engine.init_state()
+  for step in range(STEPS_PER_EPOCH):
+    before = jax.tree.map(np.asarray, state.params)
+    _, order = engine.order_for_step(state, study.num_train)
+    np.testing.assert_array_equal(np.asarray(order)[1], np.asarray(order)[0])
+    state, metrics = engine.train_step(state, order, arrays, None)
+    if step not in (0, STEPS_PER_EPOCH - 1):
+      continue
+    for r in range(4):
+      peer = r + 1 if r % 2 == 0 else r - 1
+      x, y, num_real = _batch(r - r % 2, step, x_all, y_all)
+      peer_logits = module.apply({"params": _row(before, peer)}, x, train=True)
+
+      def loss_fn(params, x=x, y=y, num_real=num_real, peer_logits=peer_logits):
+        logits = module.apply({"params": params}, x, train=True)
+        per_example = losses.softmax_cross_entropy(logits, y) + losses.kl_divergence(
+            jax.lax.stop_gradient(peer_logits), logits)
+        return jnp.mean(per_example[:num_real])
+
+      loss, grads = jax.value_and_grad(loss_fn)(_row(before, r))
+      np.testing.assert_allclose(np.asarray(metrics["loss"])[r], loss, rtol=1e-5,
+                                 err_msg=f"{execution} replica {r} loss at step {step}")
+      if step == 0:
+        expected = jax.tree.map(lambda p, g: p - lr * (g + wd * p), _row(before, r), grads)
+        _assert_trees_close(_row(state.params, r), expected, rtol=1e-5, atol=1e-6,
+                            what=f"{execution} replica {r} after step 0")
+
+
 # ---------------------------------------------------------------- 4. noise and orders
 
 
@@ -554,7 +622,7 @@ def test_rcd_replicas_see_fresh_uniform_noise(study):
     hp = jax.tree.map(lambda a: a[r], engine.hp)
     for step in (0, 1):
       noise, features = engine._teacher_signal(  # pylint: disable=protected-access
-          "noise", None, None, jnp.zeros((BATCH, 10)), keys, hp, jnp.int32(step))
+          "noise", None, None, None, None, jnp.zeros((BATCH, 10)), keys, hp, jnp.int32(step))
       assert features is None and noise.shape == (BATCH, 10)
       draws[r, step] = np.asarray(noise).ravel()
   for (r, step), values in draws.items():
@@ -633,7 +701,7 @@ def test_checkpoint_restart_gives_the_same_final_state(study, workdir_a, teacher
   shutil.copytree(pathlib.Path(workdir_a) / "teacher", workdir_b / "teacher")
   engine = _engine(study, "students")
   state = _drive(engine, study, teachers, stop=4)
-  ckpt = train.checkpoints(str(workdir_b), "students", study.config)
+  ckpt = train.checkpoints(str(workdir_b), "students", study.run)
   metadata = checkpoint_lib.replica_metadata("students", engine.group.replicas)
   assert ckpt.save(4, {"group0": state}, metadata, force=True)
   ckpt.wait()

@@ -210,7 +210,7 @@ def test_ats_arm_defaults_follow_the_authors_code(tp_tau, t_tau):
   assert (ce_w["ats"], kd_w["ats"], options.ats_student_temperature) == (0.5, 0.5, 1.0)
   hp = arms_lib.ReplicaHParams(
       alpha=0.9, temperature=4.0, label_smoothing=0.0, kd_start=0, kd_stop=100,
-      teacher_index=0, ensemble_index=np.zeros(1, np.int32), ensemble_weight=np.ones(1),
+      teacher_slot=0, member_slots=np.zeros(1, np.int32), member_weights=np.ones(1),
       ce_weight=ce_w["ats"], kd_weight=kd_w["ats"], fixed_weights=1.0)
   s, t, y = _logits((9, 7), seed=3), _logits((9, 7), scale=6.0, seed=4), _labels((9, 7), seed=5)
   got = arms_lib.kind_loss("ats", s, t, y, hp, 0, options)
@@ -312,7 +312,7 @@ def test_isats_arm_defaults_follow_the_authors_ats_code():
   ce_w, kd_w = replicas_lib.arm_weights(config)
   hp = arms_lib.ReplicaHParams(
       alpha=0.9, temperature=4.0, label_smoothing=0.0, kd_start=0, kd_stop=100,
-      teacher_index=0, ensemble_index=np.zeros(1, np.int32), ensemble_weight=np.ones(1),
+      teacher_slot=0, member_slots=np.zeros(1, np.int32), member_weights=np.ones(1),
       ce_weight=ce_w["isats"], kd_weight=kd_w["isats"], fixed_weights=1.0)
   t, y = _teacher_like_logits((16, 6), seed=12)
   s = _logits((16, 6), seed=13)

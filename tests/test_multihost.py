@@ -140,6 +140,31 @@ DATA_AXIS_SCRIPT = textwrap.dedent("""
           final = engine_lib.Teachers(variables=state.variables())
       teachers = final
     np.savez(sys.argv[1], **out)
+
+    # Issue 16: mutual learning with the two cohort peers on different devices (replica=2) or
+    # one device (data=2, data=1), and DIST's batch-level loss with the batch split (data=2).
+    out = {}
+    meshes["replica2"] = Mesh(np.array(devices).reshape(2, 1), ("replica", "data"))
+    for arms, names in (("mutual", ("replica2", "data2", "data1")), ("dist", ("data2", "data1"))):
+      config = study_lib.load_config("configs/default.py")
+      config.update_from_flattened_dict(dict(
+          model="tiny_bn", num_teachers=2, num_seeds=2, arms=arms, num_epochs=1,
+          batch_size=128, eval_batch_size=300, execution="blocked", stages="students"))
+      study = study_lib.load_data(study_lib.resolve(config))
+      (group,) = study.students.groups
+      for name in names:
+        e = engine_lib.Engine(study, group, mesh=meshes[name])
+        arrays = data.to_device(study.data["train"], e.replicated)
+        placed = jax.device_put(teachers, e.replicated)
+        state, losses = e.init_state(), []
+        while int(state.step) < group.total_steps:
+          _, order = e.order_for_step(state, study.num_train)
+          state, metrics = e.train_step(state, order, arrays, placed)
+          losses.append(np.asarray(metrics["loss"]))
+        for path, leaf in jax.tree_util.tree_flatten_with_path(state.variables())[0]:
+          out[f"{arms}/{name}/var{jax.tree_util.keystr(path)}"] = np.asarray(leaf)
+        out[f"{arms}/{name}/loss"] = np.stack(losses)
+    np.savez(sys.argv[1] + ".issue16.npz", **out)
 """)
 
 
@@ -373,6 +398,27 @@ def test_data_axis_gives_the_results_of_one_device(jobs, reference):
   assert {k.split("/")[0] for k in keys} == {"unrolled", "vmap"}
   moved = [k for k in keys if "students" in k and "batch_stats" in k and "mean" in k]
   assert moved and all(np.abs(out[k]).max() > 1e-3 for k in moved)
+
+
+def test_mutual_peers_on_other_devices_and_dist_over_the_data_axis_match_one_device(jobs,
+                                                                                   reference):
+  """Mutual learning whose two cohort peers sit on different devices (mesh replica=2) or whose
+  batch is split (data=2), and DIST, whose intra-class term correlates each class across the
+  whole batch, with the batch split over data=2: parameters, BatchNorm statistics and per-step
+  losses equal one device's (the same job as the data-axis test)."""
+  del reference
+  jobs.result("data_axis")
+  out = dict(np.load(str(jobs.base / "data_axis.npz") + ".issue16.npz"))
+  compared = 0
+  for key in sorted(out):
+    arms, name, rest = key.split("/", 2)
+    if name == "data1":
+      continue
+    np.testing.assert_allclose(out[key], out[f"{arms}/data1/{rest}"], rtol=2e-4, atol=2e-5,
+                               err_msg=key)
+    compared += 1
+  assert compared and {k.split("/")[1] for k in out} == {"replica2", "data2", "data1"}
+  assert any(k.startswith("dist/data2/var") and "batch_stats" in k for k in out)
 
 
 # ---------------------------------------------------------------------------------- 2 processes
