@@ -16,6 +16,7 @@ import numpy as np
 from kdjax import distributed
 from kdjax import stats
 from kdjax import workdir as workdir_lib
+from kdjax.analysis import cohorts as cohorts_lib
 from kdjax.analysis import curves as curves_lib
 from kdjax.analysis import plots as plots_lib
 from kdjax.analysis import predictions as predictions_lib
@@ -24,6 +25,7 @@ from kdjax.analysis import references as references_lib
 from kdjax.analysis import sections as sections_lib
 from kdjax.analysis import statistics as stats_lib
 from kdjax.analysis import tables as tables_lib
+from kdjax.analysis import teacher_calibration as teacher_calibration_lib
 from kdjax.analysis.predictions import METRICS
 
 # The similarity entries of a teacher-teacher pair (its accuracy/ece are the second teacher's own).
@@ -204,6 +206,16 @@ def run(workdir: str, *, command: str | None = None) -> dict | None:
   saved_curves = curves_lib.read(workdir, replicas)
   if saved_curves is not None:  # similarity over training (the students stage's curves.json)
     results["curves"] = curves_lib.build(saved_curves, groups)
+  # Sections of their own where the study has what they describe: the teachers' calibration
+  # (val_fraction > 0) and mutual learning's cohorts.
+  automatic = {}
+  calibration = teacher_calibration_lib.read(workdir, study.teacher.replicas)
+  if calibration is not None:
+    automatic["teacher_calibration"] = teacher_calibration_lib.section(calibration)
+  cohorts = cohorts_lib.measure(replicas, preds.student_logits, groups)
+  if cohorts is not None:
+    automatic["cohorts"] = cohorts_lib.section(cohorts, groups)
+  results.update({name: section.results for name, section in automatic.items()})
 
   out_dir = workdir_lib.join(workdir, "analysis")
   with workdir_lib.staged_dir(out_dir) as local_dir:  # published whole when the block ends
@@ -239,7 +251,8 @@ def run(workdir: str, *, command: str | None = None) -> dict | None:
     text = report_lib.render(command=command, study=study, results=results, groups=groups,
                              metric_names=METRICS, exclusions=excluded_lines,
                              num_excluded=len(excluded), num_predictions=int(preds.labels.size))
-    text += "".join("\n\n" + section.markdown.strip() for section in extra.values())
+    text += "".join("\n\n" + section.markdown.strip()
+                    for section in (*automatic.values(), *extra.values()))
     with open(os.path.join(local_dir, "report.md"), "w") as f:
       f.write(text + "\n")
   print(f"[analysis] {len(replicas)} students ({len(excluded)} excluded), "

@@ -54,7 +54,10 @@ _ARM_DISPLAY = {"kd": "KD", "rcd": "RCD", "siddo": "SIDDO", "onehot": "one-hot",
                 "label_smoothing": "label-smoothing", "ensemble_kd": "ensemble-KD",
                 "ensemble_standardized_kd": "ensemble-standardized-KD",
                 "standardized_kd": "standardized-KD", "ats": "ATS", "isats": "ISATS",
-                "dkd": "DKD", "feature_hint": "feature-hint"}
+                "dkd": "DKD", "feature_hint": "feature-hint", "nkd": "NKD", "dist": "DIST",
+                "ttm": "TTM", "wttm": "WTTM", "attention_transfer": "AT",
+                "kd_correct_only": "KD-correct-only", "kd_corrected": "KD-corrected-teacher",
+                "kd_calibrated": "KD-calibrated-teacher", "mutual": "DML"}
 
 
 @dataclasses.dataclass(frozen=True)
