@@ -60,6 +60,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.teacher_augment = ""      # "" = augment; a list, e.g. "weak,strong", trains teachers
                                    # with each preset (num_teachers seeds each)
   config.shared_order = False      # True: every replica sees the same batches
+  config.val_fraction = 0.0        # > 0: that fraction of train held out as a validation split
+                                   # (teachers temperature-scaled on it: arm kd_calibrated)
+  config.teacher_classes = ""      # "" = all; e.g. "0-4": teachers train on those classes only
+                                   # (arm kd_known distils on them alone)
   config.optimizer = ml_collections.ConfigDict({
       "name": "sgd",
       "learning_rate": "0.1",      # one value or a grid (students); teachers use the first

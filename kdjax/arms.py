@@ -154,6 +154,8 @@ ARMS: dict[str, Arm] = {a.name: a for a in [
         "kd from the teacher made right: true class and top class swapped where it is wrong"),
     Arm("kd_calibrated", "calibrated_teacher", "kd", "config",
         "kd from the teacher temperature-scaled on the validation split"),
+    Arm("kd_known", "teacher", "known_kd", "config",
+        "kd on the classes the teacher was trained on (renormalised), labels alone elsewhere"),
     Arm("mutual", "peers", "mutual", "fresh",
         "deep mutual learning: labels plus the mean KL to each cohort peer, no teacher"),
 ]}
@@ -237,6 +239,9 @@ class LossOptions:
   # no T^2 factor then; the authors' code).
   mutual_cohort: int = 2
   mutual_temperature: float = 1.0
+  # The classes the teachers were trained on (config `teacher_classes`; () = all), for the
+  # known_kd kind: it distils on those classes only.
+  known_classes: tuple[int, ...] = ()
 
 
 def effective_alpha(hp: ReplicaHParams, step) -> jax.Array:
@@ -423,6 +428,19 @@ def _mutual_kind(i: LossInputs, hp: ReplicaHParams, step, options: LossOptions) 
   return _labels_plus(i, hp, step, 1.0, term)
 
 
+def _known_kd_kind(i: LossInputs, hp: ReplicaHParams, step, options: LossOptions) -> jax.Array:
+  # Partial distillation: on an example of a class the teacher knows, w_ce CE + w_kd T^2 KL
+  # between teacher and student renormalised over the known classes; on the others CE alone.
+  ce_w, kd_w = loss_weights(hp, step)
+  known = jnp.zeros(i.student_logits.shape[-1], bool).at[jnp.asarray(options.known_classes)].set(
+      True)
+  on_known = teacher_signals.known_example_mask(i.labels, known)
+  ce = losses.softmax_cross_entropy(i.student_logits, i.labels)
+  kd_term = teacher_signals.known_class_kd(i.student_logits, i.teacher_logits, i.labels, known,
+                                           temperature=hp.temperature)
+  return jnp.where(on_known > 0, ce_w * ce + kd_w * kd_term, ce)
+
+
 def _kd_correct_only_kind(i: LossInputs, hp: ReplicaHParams, step, options) -> jax.Array:
   # kd with the teacher term multiplied by 1[argmax teacher = label] on this (augmented) batch.
   del options
@@ -463,6 +481,9 @@ LOSS_KINDS: dict[str, LossKind] = {k.name: k for k in [
              features=lambda o: tuple(o.at_features), feature_match="spatial"),
     LossKind("mutual", _mutual_kind, "Zhang et al. CVPR 2018 (arXiv 1706.00384), "
              "YingZhangDUT/Deep-Mutual-Learning", options=("mutual_cohort", "mutual_temperature")),
+    LossKind("known_kd", _known_kd_kind, "partial distillation on the teacher's classes "
+             "(kdjax.teacher_signals.known_class_kd)", options=("known_classes",),
+             needs=frozenset({"known_classes"})),
     LossKind("kd_correct_only", _kd_correct_only_kind,
              "kdjax's control for the transfer of the teacher's errors (issue 16)"),
     LossKind("fgcr", _fgcr_kind, "arXiv 2405.13078 (global class relations)",

@@ -188,11 +188,25 @@ class Study:
   # kdjax.data.splits); `num_train` counts the rest.
   val_fraction: float = 0.0
   num_val: int = 0
+  # The classes the teachers are trained on (`teacher_classes`; () = all): the teacher stage
+  # trains on the "teacher_train" split, the training examples of those classes.
+  teacher_classes: tuple[int, ...] = ()
+  num_teacher_train: int = 0
   # The loaded splits {"train", "test"[, "val"]: arrays} once `load_data` ran.
   data: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
   def stage(self, name: str) -> Stage:
     return {"teacher": self.teacher, "students": self.students}[name]
+
+  def train_split(self, stage: str) -> str:
+    """The split `stage` trains on: "teacher_train" for teachers of a class subset, else
+    "train"."""
+    return "teacher_train" if stage == "teacher" and self.teacher_classes else "train"
+
+  def num_examples(self, split: str) -> int:
+    """The examples of a split of the study (known before `load_data`)."""
+    return {"train": self.num_train, "teacher_train": self.num_teacher_train,
+            "test": self.num_eval, "val": self.num_val}[split]
 
   def group_mesh(self, group: Group, num_devices: int | None = None) -> tuple[int, int]:
     """(replica, data) of the mesh `group` trains on over `num_devices` devices (default: those
@@ -452,6 +466,24 @@ def resolve(config) -> Study:
                         "(e.g. --config.val_fraction=0.1)")
   if batch_size > num_train:
     raise ConfigError("batch_size", f"must be at most the {num_train} training examples")
+  # Teachers trained on a subset of the classes: their own training split (the examples of
+  # those classes) and so their own steps per epoch.
+  teacher_classes = _teacher_classes(config, spec.num_classes)
+  num_teacher_train = num_train
+  if teacher_classes:
+    labels = np.asarray(_splits(name, data_dir)["train"]["label"])
+    keep = np.ones(len(labels), bool)
+    keep[splits_lib.validation_indices(len(labels), val_fraction)] = False
+    num_teacher_train = int(np.isin(labels[keep], teacher_classes).sum())
+    if batch_size > num_teacher_train:
+      raise ConfigError("teacher_classes", f"leaves the teachers {num_teacher_train} training "
+                        f"examples, fewer than batch_size={batch_size}")
+  options = dataclasses.replace(options, known_classes=teacher_classes)
+  for arm in arm_names:
+    if arms_lib.LOSS_KINDS[arms_lib.ARMS[arm].loss].needs & {"known_classes"} and \
+        not teacher_classes:
+      raise ConfigError("teacher_classes", f"must name the classes the teachers see for arm "
+                        f"{arm} (e.g. --config.teacher_classes=0-4)")
 
   model_specs = _models(config, "model", "model_kwargs", "model_grid", spec.num_classes)
   teacher_specs = _models(config, "teacher_model", "teacher_model_kwargs", "teacher_model_grid",
@@ -460,11 +492,12 @@ def resolve(config) -> Study:
   if dkd_warmup_epochs is not None:  # mdistiller's warm-up in epochs, as steps of this study
     options = dataclasses.replace(options, dkd_warmup_steps=int(round(dkd_warmup_epochs * spe)))
   teacher_rows = replicas_lib.teacher_replicas(config, teacher_specs)
+  teacher_spe = data_lib.steps_per_epoch(num_teacher_train, batch_size)
   teacher = Stage("teacher", tuple(teacher_rows), (), teacher_epochs if teacher_epochs > 0
-                  else num_epochs, spe)
+                  else num_epochs, teacher_spe)
   teacher = dataclasses.replace(teacher, groups=tuple(
       dataclasses.replace(g, teacher_loss=options.teacher_loss) for g in _groups(
-          "teacher", teacher_rows, teacher_specs, teacher.num_epochs, spe)))
+          "teacher", teacher_rows, teacher_specs, teacher.num_epochs, teacher_spe)))
   try:
     student_rows = replicas_lib.student_replicas(config, num_epochs * spe, model_specs,
                                                  teacher_rows)
@@ -484,7 +517,35 @@ def resolve(config) -> Study:
       config=config, dataset=spec, num_train=num_train, num_eval=num_eval, stages=stages,
       analyses=analyses, teacher=teacher, students=students, loss_options=options,
       run=_run_settings(config), mesh_request=_mesh_request(config.get("mesh")),
-      val_fraction=val_fraction, num_val=num_val)
+      val_fraction=val_fraction, num_val=num_val, teacher_classes=teacher_classes,
+      num_teacher_train=num_teacher_train)
+
+
+def _teacher_classes(config, num_classes: int) -> tuple[int, ...]:
+  """`teacher_classes`: "" (every class) or comma-separated class indices and START-STOP
+  ranges (inclusive), e.g. "0-4" or "0,2,5-7", each in [0, num_classes), at least 2."""
+  value = config.get("teacher_classes", "")
+  usage = (f"must be empty (every class) or comma-separated class indices and ranges in "
+           f"[0, {num_classes - 1}] such as '0-4' or '0,2,5-7', at least 2 classes")
+  if isinstance(value, str) and not value.strip():
+    return ()
+  classes = []
+  try:
+    for item in replicas_lib.split_list("teacher_classes", value):
+      text = str(item).strip()
+      if isinstance(item, bool):
+        raise ValueError
+      start, sep, stop = text.partition("-")
+      first, last = (int(start), int(stop)) if sep else (int(text), int(text))
+      if first > last:
+        raise ValueError
+      classes += range(first, last + 1)
+  except (TypeError, ValueError):
+    raise ConfigError("teacher_classes", f"{usage}; got {value!r}") from None
+  if len(classes) < 2 or len(set(classes)) != len(classes) or \
+      not all(0 <= c < num_classes for c in classes):
+    raise ConfigError("teacher_classes", f"{usage}; got {value!r}")
+  return tuple(sorted(classes))
 
 
 def _run_settings(config) -> RunSettings:
@@ -567,6 +628,9 @@ def load_data(study: Study) -> Study:
   if study.num_val:  # the validation split, carved from train (kdjax.data.splits)
     splits["train"], splits["val"] = splits_lib.carve_validation(splits["train"],
                                                                  study.val_fraction)
+  if study.teacher_classes:  # the teachers' training examples: those of their classes
+    keep = np.isin(splits["train"]["label"], study.teacher_classes)
+    splits["teacher_train"] = {k: np.asarray(v)[keep] for k, v in splits["train"].items()}
   return dataclasses.replace(study, data=splits)
 
 

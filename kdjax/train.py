@@ -167,10 +167,10 @@ def run_stage(study: Study, stage: str, workdir: str) -> None:
   for engine in stage_engines:
     if engine.mesh not in placed:
       placed[engine.mesh] = {split: data_lib.to_device(study.data[split], engine.replicated)
-                             for split in ("train", "test")}
-  train_arrays = {e.group.key: placed[e.mesh]["train"] for e in stage_engines}
+                             for split in (study.train_split(stage), "test")}
+  train_arrays = {e.group.key: placed[e.mesh][study.train_split(stage)] for e in stage_engines}
   eval_arrays = {e.group.key: placed[e.mesh]["test"] for e in stage_engines}
-  num_train = study.num_train
+  num_train = study.num_examples(study.train_split(stage))
   total = spec_stage.total_steps
   ckpt = checkpoints(workdir, stage, run)
   metadata = checkpoint_lib.replica_metadata(

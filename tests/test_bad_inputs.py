@@ -117,6 +117,7 @@ ACCEPTED = {
     "teacher_augment:empty": "the default: the teachers use `augment`",
     "ensembles:empty": "the default: every teacher is a member",
     "analyses:empty": "the default: no study-specific section",
+    "teacher_classes:empty": "the default: the teachers see every class",
     "arm_options.hint_feature:unknown": "read by feature_hint only (checked when it is an arm)",
     "arm_options.at_features:unknown": "read by attention_transfer only (checked when it is an "
                                         "arm)",

@@ -421,7 +421,8 @@ UNROLLED_ARMS = ("label_smoothing", "ensemble_kd", "ensemble_standardized_kd", "
                  "ats", "isats", "dkd", "feature_hint")
 # Issue 16's arms: the logit baselines at their authors' defaults and the teacher-error controls.
 NEW_ARMS = ("nkd", "dist", "ttm", "wttm", "attention_transfer", "kd_correct_only",
-            "kd_corrected")
+            "kd_corrected", "kd_known")
+KNOWN_CLASSES = "0-4"  # kd_known's study: teachers of classes 0-4 (config teacher_classes)
 ALPHA, TEMPERATURE, RCD_RANGE = 0.3, 2.0, (-1.0, 2.0)
 # arm_options.dkd_warmup_epochs = 0.5 of 10 steps: the DKD term at 1/5 of its strength at step 0
 # and in full from step 4.
@@ -504,6 +505,12 @@ def _reference_loss(arm: str, params, teacher_vars, x, y, *, step: int, seed: in
     corrected = teacher_logits.at[rows, top].set(at_label).at[rows, y].set(at_top)
     assert bool(jnp.any(top != y))  # the untrained teacher is wrong on some examples
     per_example = losses.kd_loss(logits, corrected, y, alpha=a, temperature=t)
+  elif arm == "kd_known":  # KD renormalised over classes 0-4 on their examples, CE elsewhere
+    known = jnp.arange(10) < 5
+    log_p = lambda z: jax.nn.log_softmax(jnp.where(known, z / t, -1e30), -1)
+    log_t, log_s = log_p(teacher_logits), log_p(logits)
+    kl = jnp.sum(jnp.where(known, jnp.exp(log_t) * (log_t - log_s), 0.0), -1)
+    per_example = jnp.where(y < 5, (1 - a) * ce + a * t**2 * kl, ce)
   else:
     raise AssertionError(arm)
   return jnp.mean(per_example[:num_real])
@@ -531,7 +538,8 @@ def test_each_arm_trains_on_the_loss_kdjax_losses_defines(execution, arms, teach
   executions meet the same reference, so 'vmap' (every loss kind and teacher signal computed,
   one selected per replica) and 'blocked' (each replica's arm static; 3 rows per block over 8
   replicas, so the last block overlaps the one before it) agree."""
-  study = _arms_study(execution, arms, replicas_per_block=3)
+  extra = {"teacher_classes": KNOWN_CLASSES} if "kd_known" in arms else {}
+  study = _arms_study(execution, arms, replicas_per_block=3, **extra)
   engine = _engine(study, "students")
   assert engine.execution == execution
   assert [r.arm for r in study.students.replicas] == list(arms)

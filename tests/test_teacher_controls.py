@@ -101,3 +101,50 @@ def test_cohort_peer_similarity_equals_numpy(workdir):
   assert "## Mutual learning: peer similarity" in (workdir / "analysis" / "report.md").read_text()
   # Every arm of the study was trained and analysed.
   assert set(results["arms"]) == set(ARMS.split(","))
+
+
+@pytest.fixture(scope="module")
+def partial_workdir(tmp_path_factory):
+  """Teachers trained on classes 0-4 of digits; students kd, kd_known, siddo on all 10."""
+  path = tmp_path_factory.mktemp("known_classes")
+  config = _config(teacher_model="", model_grid={}, arms="kd,kd_known,siddo", num_seeds=2,
+                   num_teachers=1, teacher_classes="0-4", num_epochs=2, teacher_num_epochs=3)
+  run_in_process(config, path)
+  return path
+
+
+def test_teachers_of_a_class_subset_train_on_its_examples_only(partial_workdir):
+  study = predictions_lib.load_study(str(partial_workdir))
+  labels = study.data["train"]["label"]
+  assert study.teacher_classes == (0, 1, 2, 3, 4)
+  np.testing.assert_array_equal(study.data["teacher_train"]["label"], labels[labels < 5])
+  assert study.num_teacher_train == int(np.sum(labels < 5))
+  assert study.teacher.steps_per_epoch == -(-study.num_teacher_train // study.run.batch_size)
+  assert study.students.steps_per_epoch == -(-len(labels) // study.run.batch_size)
+
+
+def test_known_and_novel_class_split_equals_numpy(partial_workdir):
+  """Accuracy and agreement on eval examples of the teachers' classes and of the others, per
+  replica and per arm, from predictions.npz; the teacher never predicts a class it never saw."""
+  record = _read(partial_workdir, "metrics.json")["known_classes"]
+  preds = np.load(partial_workdir / "analysis" / "predictions.npz")
+  labels = preds["labels"]
+  known = labels < 5
+  assert (record["num_known"], record["num_novel"]) == (int(known.sum()), int((~known).sum()))
+  teacher = preds["teacher_logits"][0].argmax(-1)
+  assert record["teachers"][0]["novel"]["accuracy"] == 0.0
+  np.testing.assert_allclose(record["teachers"][0]["known"]["accuracy"],
+                             np.mean(teacher[known] == labels[known]))
+  per_arm = {}
+  for i, arm in enumerate(preds["replica_arm"]):
+    student = preds["student_logits"][i].argmax(-1)
+    row = record["replicas"][i]
+    for part, mask in (("known", known), ("novel", ~known)):
+      np.testing.assert_allclose(row[part]["accuracy"], np.mean(student[mask] == labels[mask]))
+      np.testing.assert_allclose(row[part]["agreement"], np.mean(student[mask] == teacher[mask]))
+    per_arm.setdefault(str(arm), []).append(row["novel"]["accuracy"])
+  for arm, values in per_arm.items():
+    np.testing.assert_allclose(record["arms"][arm]["novel"]["accuracy"]["mean"], np.mean(values))
+    np.testing.assert_allclose(record["arms"][arm]["novel"]["accuracy"]["std"],
+                               np.std(values, ddof=1))
+  assert "## Known and novel classes" in (partial_workdir / "analysis" / "report.md").read_text()

@@ -18,6 +18,7 @@ from kdjax import stats
 from kdjax import workdir as workdir_lib
 from kdjax.analysis import cohorts as cohorts_lib
 from kdjax.analysis import curves as curves_lib
+from kdjax.analysis import known_classes as known_classes_lib
 from kdjax.analysis import plots as plots_lib
 from kdjax.analysis import predictions as predictions_lib
 from kdjax.analysis import report as report_lib
@@ -207,7 +208,7 @@ def run(workdir: str, *, command: str | None = None) -> dict | None:
   if saved_curves is not None:  # similarity over training (the students stage's curves.json)
     results["curves"] = curves_lib.build(saved_curves, groups)
   # Sections of their own where the study has what they describe: the teachers' calibration
-  # (val_fraction > 0) and mutual learning's cohorts.
+  # (val_fraction > 0), mutual learning's cohorts, teachers of a class subset.
   automatic = {}
   calibration = teacher_calibration_lib.read(workdir, study.teacher.replicas)
   if calibration is not None:
@@ -215,6 +216,9 @@ def run(workdir: str, *, command: str | None = None) -> dict | None:
   cohorts = cohorts_lib.measure(replicas, preds.student_logits, groups)
   if cohorts is not None:
     automatic["cohorts"] = cohorts_lib.section(cohorts, groups)
+  known = known_classes_lib.measure(study, preds, groups)
+  if known is not None:  # teachers of a class subset
+    automatic["known_classes"] = known_classes_lib.section(known, groups)
   results.update({name: section.results for name, section in automatic.items()})
 
   out_dir = workdir_lib.join(workdir, "analysis")

@@ -57,7 +57,8 @@ _ARM_DISPLAY = {"kd": "KD", "rcd": "RCD", "siddo": "SIDDO", "onehot": "one-hot",
                 "dkd": "DKD", "feature_hint": "feature-hint", "nkd": "NKD", "dist": "DIST",
                 "ttm": "TTM", "wttm": "WTTM", "attention_transfer": "AT",
                 "kd_correct_only": "KD-correct-only", "kd_corrected": "KD-corrected-teacher",
-                "kd_calibrated": "KD-calibrated-teacher", "mutual": "DML"}
+                "kd_calibrated": "KD-calibrated-teacher", "mutual": "DML",
+                "kd_known": "KD-known-classes"}
 
 
 @dataclasses.dataclass(frozen=True)
