@@ -125,6 +125,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # learn CE + the mean KL to each peer at mutual_temperature (the authors: 2 and T = 1).
       "mutual_cohort": 2,
       "mutual_temperature": 1.0,
+      # ensemble_kd_reliable: a member's weight, its validation "accuracy" or its mean
+      # top probability there after temperature scaling ("confidence"); needs val_fraction.
+      "ensemble_reliability": "accuracy",
   })
 
   # How the analysis tests the arms (kdjax/analysis/statistics.py). equivalence_margins: the

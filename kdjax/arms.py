@@ -74,12 +74,15 @@ class TeacherSignal:
   the `member_weights`-weighted mean of the loss kind against each member (module docstring,
   "Ensembles"). `needs`: "validation" when it needs the validation split (`val_fraction`; the
   teachers' temperatures are fitted on it), "peers" when it reads its cohort's logits on the
-  current step (mutual learning)."""
+  current step (mutual learning). `reliability_weighted`: the members' weights are their
+  teachers' reliability scores on the validation split (`Teachers.reliability`), normalised over
+  the replica's members, instead of `member_weights`."""
   name: str
   description: str
   reads: str = ""
   members: bool = False
   needs: frozenset[str] = frozenset()
+  reliability_weighted: bool = False
 
 
 TEACHER_SIGNALS: dict[str, TeacherSignal] = {s.name: s for s in [
@@ -98,6 +101,12 @@ TEACHER_SIGNALS: dict[str, TeacherSignal] = {s.name: s for s in [
     TeacherSignal("calibrated_teacher", "the replica's own teacher after post-hoc temperature "
                   "scaling on the validation split", reads="teacher",
                   needs=frozenset({"validation"})),
+    # A reliability-weighted teacher ensemble: member m weighted by its validation accuracy
+    # (or calibrated confidence; arm_options.ensemble_reliability), w_m = a_m / sum_j a_j
+    # (kdjax.teacher_signals.reliability_weights, mode "accuracy").
+    TeacherSignal("reliable_ensemble", "the members of the replica's teacher ensemble, each "
+                  "weighted by its reliability on the validation split", reads="ensemble",
+                  members=True, needs=frozenset({"validation"}), reliability_weighted=True),
     # Zhang et al., "Deep Mutual Learning" (CVPR 2018): the other members of the replica's
     # cohort, their logits on this step's shared batch before anyone's update.
     TeacherSignal("peers", "the other students of the replica's cohort on the same batch",
@@ -126,6 +135,8 @@ ARMS: dict[str, Arm] = {a.name: a for a in [
     Arm("onehot", "none", "ce", "fresh", "labels only, fresh init"),
     Arm("label_smoothing", "none", "ce", "fresh", "smoothed labels, fresh init"),
     Arm("ensemble_kd", "ensemble", "kd", "config", "distillation from the teachers' ensemble"),
+    Arm("ensemble_kd_reliable", "reliable_ensemble", "kd", "config",
+        "distillation from the teachers' ensemble, members weighted by validation accuracy"),
     Arm("ensemble_standardized_kd", "ensemble", "standardized_kd", "config",
         "distillation from the teachers' ensemble between z-scored logits"),
     Arm("standardized_kd", "teacher", "standardized_kd", "config",
@@ -242,6 +253,10 @@ class LossOptions:
   # The classes the teachers were trained on (config `teacher_classes`; () = all), for the
   # known_kd kind: it distils on those classes only.
   known_classes: tuple[int, ...] = ()
+  # What weighs a member of a reliability-weighted ensemble: "accuracy" (its accuracy on the
+  # validation split) or "confidence" (its mean top probability there after temperature
+  # scaling).
+  ensemble_reliability: str = "accuracy"
 
 
 def effective_alpha(hp: ReplicaHParams, step) -> jax.Array:

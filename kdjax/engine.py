@@ -100,6 +100,7 @@ class Teachers:
   variables: Any
   class_relations: Any = None
   temperatures: Any = None
+  reliability: Any = None  # [T]: each teacher's reliability score (reliable_ensemble signal)
 
 
 def _code(table: Mapping, name: str) -> int:
@@ -353,7 +354,7 @@ class Engine:
       return noise, None
     if signal == "peers":  # [M, B, ...]: the cohort's logits (this data shard's examples)
       return peers[hp.member_slots], None
-    if signal == "ensemble":
+    if signal in ("ensemble", "reliable_ensemble"):
       # [M, B, C]: the members one after another, not vmapped (a vmapped conv is slow on
       # XLA:CPU); the loss averages over them (kdjax/arms.py, "Ensembles").
       return jnp.stack([
@@ -417,7 +418,11 @@ class Engine:
         values = []
         for kind in (k for k in kinds if (signal, k) in self._pairs):
           if arms_lib.TEACHER_SIGNALS[signal].members:
-            value = sum(hp.member_weights[j] * loss_of(kind, teacher_logits[j])
+            weights = hp.member_weights
+            if arms_lib.TEACHER_SIGNALS[signal].reliability_weighted:
+              scores = teachers.reliability[hp.member_slots] * (hp.member_weights > 0)
+              weights = scores / jnp.maximum(jnp.sum(scores), 1e-12)
+            value = sum(weights[j] * loss_of(kind, teacher_logits[j])
                         for j in range(teacher_logits.shape[0]))
           else:
             value = loss_of(kind, teacher_logits, teacher_features)

@@ -795,6 +795,9 @@ def _loss_options(config) -> arms_lib.LossOptions:
                       ("at_weight", non_negative), ("mutual_temperature", positive)):
     if key in o:
       extra[key] = _number(config, f"{prefix}.{key}", **bounds)
+  if "ensemble_reliability" in o:
+    extra["ensemble_reliability"] = _choice(config, f"{prefix}.ensemble_reliability",
+                                            ("accuracy", "confidence"))
   if "mutual_cohort" in o:
     extra["mutual_cohort"] = _int(config, f"{prefix}.mutual_cohort", low=2)
   if "at_features" in o:

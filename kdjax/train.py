@@ -150,16 +150,18 @@ def run_stage(study: Study, stage: str, workdir: str) -> None:
     for engine in stage_engines if uses_teacher else ():
       if engine.group.teacher_group is not None:
         variables = teacher_states[engine.group.teacher_group].variables()
-        relations = temperatures = None
+        relations = temperatures = reliability = None
         if "class_relations" in engine.needs:
           relations = class_relations(teacher_engines[engine.group.teacher_group], variables,
                                       study.data["train"], run.eval_batch_size)
         if calibration is not None:
-          temperatures = np.array([calibration["temperatures"][i]
-                                   for i in engine.group.teacher_indices], np.float32)
+          records = [calibration["teachers"][i] for i in engine.group.teacher_indices]
+          temperatures = np.array([r["temperature"] for r in records], np.float32)
+          score = "val_" + study.loss_options.ensemble_reliability
+          reliability = np.array([r[score] for r in records], np.float32)
         teachers[engine.group.key] = jax.device_put(Teachers(
-            variables=variables, class_relations=relations, temperatures=temperatures),
-            engine.replicated)
+            variables=variables, class_relations=relations, temperatures=temperatures,
+            reliability=reliability), engine.replicated)
     del teacher_states, teacher_engines, teacher_list
 
   # The splits on every mesh of the stage's groups (one copy per distinct mesh).
@@ -300,9 +302,11 @@ CALIBRATION_FILE = "calibration.json"
 def teacher_calibration(study: Study, teacher_engines, teacher_states) -> dict:
   """Post-hoc temperature scaling of every teacher on the validation split (Guo et al. 2017;
   kdjax.calibration.fit_temperature): {"temperatures": [T], "teachers": [{"index",
-  "temperature", "val": report, "test": report}]}, each report the ECE (15 bins) and NLL before
-  and after scaling (`kdjax.calibration.calibration_report`). The test split only reports: the
-  temperature never sees it."""
+  "temperature", "val_accuracy", "val_confidence", "val": report, "test": report}]}, each
+  report the ECE (15 bins) and NLL before and after scaling
+  (`kdjax.calibration.calibration_report`); `val_confidence` is the mean top probability on the
+  validation split after scaling. The test split only reports: the temperature never sees
+  it."""
   logits = {}
   for split in ("val", "test"):
     out = None
@@ -314,13 +318,19 @@ def teacher_calibration(study: Study, teacher_engines, teacher_states) -> dict:
       out[list(engine.group.indices)] = part
     logits[split] = out
   records = []
+  val_labels = np.asarray(study.data["val"]["label"])
   for t in study.teacher.replicas:
-    temperature = calibration_lib.fit_temperature(logits["val"][t.index],
-                                                  study.data["val"]["label"])
-    records.append({"index": t.index, "temperature": temperature, **{
-        split: calibration_lib.calibration_report(logits[split][t.index],
-                                                  study.data[split]["label"], temperature)
-        for split in ("val", "test")}})
+    val = logits["val"][t.index]
+    temperature = calibration_lib.fit_temperature(val, val_labels)
+    scaled = jax.nn.softmax(jnp.asarray(val, jnp.float32) / temperature, axis=-1)
+    records.append({
+        "index": t.index, "temperature": temperature,
+        # The reliability scores of reliability-weighted ensembles (arms_lib.TEACHER_SIGNALS).
+        "val_accuracy": float(np.mean(np.argmax(val, -1) == val_labels)),
+        "val_confidence": float(jnp.mean(jnp.max(scaled, -1))),
+        **{split: calibration_lib.calibration_report(logits[split][t.index],
+                                                     study.data[split]["label"], temperature)
+           for split in ("val", "test")}})
   return {"temperatures": [r["temperature"] for r in records], "teachers": records,
           "num_val": study.num_val, "val_fraction": study.val_fraction}
 

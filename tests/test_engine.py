@@ -615,6 +615,27 @@ def test_mutual_learning_cohorts_share_batches_and_learn_from_each_other(executi
                             what=f"{execution} replica {r} after step 0")
 
 
+def test_reliability_weighted_ensemble_weighs_members_by_their_scores(teachers):
+  """ensemble_kd_reliable's loss is the reliability-weighted mean of the kd loss against each
+  member: with scores (1, 0) it is kd from teacher 0 alone, with equal scores the plain
+  ensemble_kd; the three arms share seed 0's batches and teacher 0's initialisation."""
+  study = _arms_study("vmap", ("kd", "ensemble_kd", "ensemble_kd_reliable"), val_fraction=0.1)
+  engine = _engine(study, "students")
+  arrays, _ = _placed(engine, study)
+  for scores, same_as in (((1.0, 0.0), 0), ((0.7, 0.7), 1)):
+    placed = jax.device_put(engine_lib.Teachers(
+        variables=teachers.variables, reliability=np.array(scores, np.float32)),
+        engine.replicated)
+    state = engine.init_state()
+    _, order = engine.order_for_step(state, study.num_train)
+    state, metrics = engine.train_step(state, order, arrays, placed)
+    loss = np.asarray(metrics["loss"])
+    np.testing.assert_allclose(loss[2], loss[same_as], rtol=1e-6, err_msg=str(scores))
+    _assert_trees_close(_row(state.params, 2), _row(state.params, same_as), rtol=1e-5,
+                        atol=1e-7, what=f"reliable vs {same_as} with scores {scores}")
+    assert not np.allclose(loss[2], loss[1 - same_as])
+
+
 # ---------------------------------------------------------------- 4. noise and orders
 
 

@@ -69,6 +69,10 @@ def test_teacher_calibration_is_the_validation_nll_minimum_and_reports_eval_ece(
   scan = [_np_nll(val_logits, val_labels, g) for g in grid]
   assert abs(np.log(t) - np.log(grid[int(np.argmin(scan))])) < 2 * np.log(grid[1] / grid[0])
   assert _np_nll(val_logits, val_labels, t) <= min(scan) + 1e-6
+  # The reliability scores of reliability-weighted ensembles.
+  np.testing.assert_allclose(teacher["val_accuracy"], np.mean(val_logits.argmax(-1) == val_labels))
+  np.testing.assert_allclose(teacher["val_confidence"],
+                             np.mean(special.softmax(val_logits / t, -1).max(-1)), rtol=1e-5)
   preds = np.load(workdir / "analysis" / "predictions.npz")
   logits, labels = preds["teacher_logits"][0], preds["labels"]
   test = teacher["test"]

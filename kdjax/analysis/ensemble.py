@@ -145,7 +145,7 @@ def ensemble_attention(context: sections.Context) -> sections.Section:
   study, preds = context.study, context.preds
   replicas = study.students.replicas
   ensemble_groups = [g for g in context.groups
-                     if arms_lib.ARMS[g.arm].teacher_signal == "ensemble" and g.included]
+                     if arms_lib.ARMS[g.arm].reads == "ensemble" and g.included]
   member_pairs = {r: list(itertools.combinations(sorted(replicas[r].ensemble), 2))
                   for g in ensemble_groups for r in g.included}
   ious = pair_iou(context, [p for ps in member_pairs.values() for p in ps])
