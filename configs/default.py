@@ -128,6 +128,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # ensemble_kd_reliable: a member's weight, its validation "accuracy" or its mean
       # top probability there after temperature scaling ("confidence"); needs val_fraction.
       "ensemble_reliability": "accuracy",
+      # ctkd: T = t_start + t_range sigmoid(theta), theta trained through gradient reversal of
+      # strength rising (cosine) to max_lambda over ramp_epochs (the authors' CIFAR values).
+      "ctkd_t_start": 1.0,
+      "ctkd_t_range": 20.0,
+      "ctkd_init": 1.0,
+      "ctkd_max_lambda": 1.0,
+      "ctkd_ramp_epochs": 10,
   })
 
   # How the analysis tests the arms (kdjax/analysis/statistics.py). equivalence_margins: the

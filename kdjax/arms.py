@@ -76,13 +76,15 @@ class TeacherSignal:
   teachers' temperatures are fitted on it), "peers" when it reads its cohort's logits on the
   current step (mutual learning). `reliability_weighted`: the members' weights are their
   teachers' reliability scores on the validation split (`Teachers.reliability`), normalised over
-  the replica's members, instead of `member_weights`."""
+  the replica's members, instead of `member_weights`. `options`: the `LossOptions` fields it
+  reads."""
   name: str
   description: str
   reads: str = ""
   members: bool = False
   needs: frozenset[str] = frozenset()
   reliability_weighted: bool = False
+  options: tuple[str, ...] = ()
 
 
 TEACHER_SIGNALS: dict[str, TeacherSignal] = {s.name: s for s in [
@@ -90,7 +92,8 @@ TEACHER_SIGNALS: dict[str, TeacherSignal] = {s.name: s for s in [
     TeacherSignal("teacher", "the replica's own teacher", reads="teacher"),
     TeacherSignal("ensemble", "the members of the replica's teacher ensemble", reads="ensemble",
                   members=True),
-    TeacherSignal("noise", "uniform noise logits (random control distillation)"),
+    TeacherSignal("noise", "uniform noise logits (random control distillation)",
+                  options=("rcd_minval", "rcd_maxval")),
     # Wen et al., "Preparing Lessons: Improve Knowledge Distillation with Better Supervision"
     # (arXiv 1911.07471), knowledge adjustment by probability shift:
     # kdjax.teacher_signals.swap_correct_logits.
@@ -106,7 +109,8 @@ TEACHER_SIGNALS: dict[str, TeacherSignal] = {s.name: s for s in [
     # (kdjax.teacher_signals.reliability_weights, mode "accuracy").
     TeacherSignal("reliable_ensemble", "the members of the replica's teacher ensemble, each "
                   "weighted by its reliability on the validation split", reads="ensemble",
-                  members=True, needs=frozenset({"validation"}), reliability_weighted=True),
+                  members=True, needs=frozenset({"validation"}), reliability_weighted=True,
+                  options=("ensemble_reliability",)),
     # Zhang et al., "Deep Mutual Learning" (CVPR 2018): the other members of the replica's
     # cohort, their logits on this step's shared batch before anyone's update.
     TeacherSignal("peers", "the other students of the replica's cohort on the same batch",
@@ -165,6 +169,8 @@ ARMS: dict[str, Arm] = {a.name: a for a in [
         "kd from the teacher made right: true class and top class swapped where it is wrong"),
     Arm("kd_calibrated", "calibrated_teacher", "kd", "config",
         "kd from the teacher temperature-scaled on the validation split"),
+    Arm("ctkd", "teacher", "ctkd", "config",
+        "kd at a learned temperature trained adversarially through gradient reversal"),
     Arm("kd_known", "teacher", "known_kd", "config",
         "kd on the classes the teacher was trained on (renormalised), labels alone elsewhere"),
     Arm("mutual", "peers", "mutual", "fresh",
@@ -257,6 +263,17 @@ class LossOptions:
   # validation split) or "confidence" (its mean top probability there after temperature
   # scaling).
   ensemble_reliability: str = "accuracy"
+  # CTKD (Li et al. AAAI 2023; zhengli97/CTKD): T = ctkd_t_start + ctkd_t_range *
+  # sigmoid(GRL_lambda(theta)), theta trainable from ctkd_init, lambda rising as a cosine from 0
+  # to ctkd_max_lambda over ctkd_ramp_epochs epochs, evaluated per epoch at the 1-based epoch
+  # (their CIFAR-100 defaults: 1, 20, 1, 1, 10); `ctkd_steps_per_epoch` is the students'
+  # (kdjax.study sets it).
+  ctkd_t_start: float = 1.0
+  ctkd_t_range: float = 20.0
+  ctkd_init: float = 1.0
+  ctkd_max_lambda: float = 1.0
+  ctkd_ramp_epochs: int = 10
+  ctkd_steps_per_epoch: int = 1
 
 
 def effective_alpha(hp: ReplicaHParams, step) -> jax.Array:
@@ -292,7 +309,8 @@ class LossInputs:
   the features the kinds ask for (`LossKind.features`); `class_relations` [C, C] the replica's
   teacher's (kinds that need "class_relations"); `mask` [B] 1 on real and 0 on padded examples
   and `data_axis` the mesh axis the batch is split over (None: unsplit), for batch-level losses
-  (DIST)."""
+  (DIST); `learned_temperature` the replica's trainable temperature parameter (kinds that need
+  "learned_temperature": kdjax.engine adds it to the replica's parameters)."""
   student_logits: jax.Array
   labels: jax.Array
   teacher_logits: jax.Array | None = None
@@ -301,6 +319,7 @@ class LossInputs:
   class_relations: jax.Array | None = None
   mask: jax.Array | None = None
   data_axis: str | None = flax.struct.field(pytree_node=False, default=None)
+  learned_temperature: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -456,6 +475,20 @@ def _known_kd_kind(i: LossInputs, hp: ReplicaHParams, step, options: LossOptions
   return jnp.where(on_known > 0, ce_w * ce + kd_w * kd_term, ce)
 
 
+def _ctkd_kind(i: LossInputs, hp: ReplicaHParams, step, options: LossOptions) -> jax.Array:
+  # kd at the learned temperature; theta receives the reversed gradient of the KD term (and of
+  # its T^2 factor, as in the authors' code).
+  epoch = step // options.ctkd_steps_per_epoch + 1
+  lambda_ = losses.ctkd_lambda(epoch, options.ctkd_ramp_epochs,
+                               max_value=options.ctkd_max_lambda)
+  temperature = losses.ctkd_temperature(i.learned_temperature, lambda_,
+                                        t_start=options.ctkd_t_start,
+                                        t_range=options.ctkd_t_range)
+  ce_w, kd_w = loss_weights(hp, step)
+  return losses.kd_loss(i.student_logits, i.teacher_logits, i.labels, temperature=temperature,
+                        ce_weight=ce_w, kd_weight=kd_w)
+
+
 def _kd_correct_only_kind(i: LossInputs, hp: ReplicaHParams, step, options) -> jax.Array:
   # kd with the teacher term multiplied by 1[argmax teacher = label] on this (augmented) batch.
   del options
@@ -499,6 +532,10 @@ LOSS_KINDS: dict[str, LossKind] = {k.name: k for k in [
     LossKind("known_kd", _known_kd_kind, "partial distillation on the teacher's classes "
              "(kdjax.teacher_signals.known_class_kd)", options=("known_classes",),
              needs=frozenset({"known_classes"})),
+    LossKind("ctkd", _ctkd_kind, "Li et al. AAAI 2023 (arXiv 2211.16231), zhengli97/CTKD",
+             options=("ctkd_t_start", "ctkd_t_range", "ctkd_init", "ctkd_max_lambda",
+                      "ctkd_ramp_epochs", "ctkd_steps_per_epoch"),
+             needs=frozenset({"learned_temperature"})),
     LossKind("kd_correct_only", _kd_correct_only_kind,
              "kdjax's control for the transfer of the teacher's errors (issue 16)"),
     LossKind("fgcr", _fgcr_kind, "arXiv 2405.13078 (global class relations)",

@@ -64,6 +64,8 @@ from kdjax.models import _common as models_common
 from kdjax.study import MESH_AXES, Group, Study
 
 TRAIN_STREAMS = ("data", "augment", "rcd", "dropout")
+# The parameter (beside the model's) of loss kinds that learn a temperature (CTKD).
+LEARNED_TEMPERATURE = "ctkd_temperature"
 
 
 @flax.struct.dataclass
@@ -302,6 +304,11 @@ class Engine:
     per_replica = [self._init_variables(k) for k in init_keys]
     variables = jax.tree.map(lambda *a: jnp.stack(a), *per_replica)
     params = variables["params"]
+    if "learned_temperature" in self.needs:
+      # CTKD's trainable temperature parameter theta, one per replica, beside the model's
+      # (models ignore parameters they do not use; the optimiser updates it with the rest).
+      params = {**params, LEARNED_TEMPERATURE: jnp.full((self.num_replicas,),
+                                                        self.options.ctkd_init, jnp.float32)}
     opt_state = self._init_optimizer(params, lrs)
     batch_stats = variables.get("batch_stats", {})
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
@@ -400,6 +407,7 @@ class Engine:
       sown = new_state.get("features", {})
       inputs = arms_lib.LossInputs(
           student_logits=out, labels=labels, mask=mask, data_axis=self._data_axis,
+          learned_temperature=params.get(LEARNED_TEMPERATURE),
           student_features={n: sown[n] for n in self.feature_names} or None,
           class_relations=teachers.class_relations[hp.teacher_slot]
           if "class_relations" in group_needs else None)

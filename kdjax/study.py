@@ -491,6 +491,7 @@ def resolve(config) -> Study:
   spe = data_lib.steps_per_epoch(num_train, batch_size)
   if dkd_warmup_epochs is not None:  # mdistiller's warm-up in epochs, as steps of this study
     options = dataclasses.replace(options, dkd_warmup_steps=int(round(dkd_warmup_epochs * spe)))
+  options = dataclasses.replace(options, ctkd_steps_per_epoch=spe)
   teacher_rows = replicas_lib.teacher_replicas(config, teacher_specs)
   teacher_spe = data_lib.steps_per_epoch(num_teacher_train, batch_size)
   teacher = Stage("teacher", tuple(teacher_rows), (), teacher_epochs if teacher_epochs > 0
@@ -795,6 +796,12 @@ def _loss_options(config) -> arms_lib.LossOptions:
                       ("at_weight", non_negative), ("mutual_temperature", positive)):
     if key in o:
       extra[key] = _number(config, f"{prefix}.{key}", **bounds)
+  for key, bounds in (("ctkd_t_start", positive), ("ctkd_t_range", non_negative),
+                      ("ctkd_init", {}), ("ctkd_max_lambda", non_negative)):
+    if key in o:
+      extra[key] = _number(config, f"{prefix}.{key}", **bounds)
+  if "ctkd_ramp_epochs" in o:
+    extra["ctkd_ramp_epochs"] = _int(config, f"{prefix}.ctkd_ramp_epochs", low=1)
   if "ensemble_reliability" in o:
     extra["ensemble_reliability"] = _choice(config, f"{prefix}.ensemble_reliability",
                                             ("accuracy", "confidence"))

@@ -122,6 +122,7 @@ ACCEPTED = {
     "arm_options.at_features:unknown": "read by attention_transfer only (checked when it is an "
                                         "arm)",
     "arm_options.rcd_minval:negative": "the noise teachers' logits may start below 0",
+    "arm_options.ctkd_init:negative": "CTKD's raw temperature parameter theta is any real",
     "analysis_options.equivalence_margins:empty": "the default margins",
 }
 

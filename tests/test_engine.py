@@ -421,7 +421,7 @@ UNROLLED_ARMS = ("label_smoothing", "ensemble_kd", "ensemble_standardized_kd", "
                  "ats", "isats", "dkd", "feature_hint")
 # Issue 16's arms: the logit baselines at their authors' defaults and the teacher-error controls.
 NEW_ARMS = ("nkd", "dist", "ttm", "wttm", "attention_transfer", "kd_correct_only",
-            "kd_corrected", "kd_known")
+            "kd_corrected", "kd_known", "ctkd")
 KNOWN_CLASSES = "0-4"  # kd_known's study: teachers of classes 0-4 (config teacher_classes)
 ALPHA, TEMPERATURE, RCD_RANGE = 0.3, 2.0, (-1.0, 2.0)
 # arm_options.dkd_warmup_epochs = 0.5 of 10 steps: the DKD term at 1/5 of its strength at step 0
@@ -511,6 +511,12 @@ def _reference_loss(arm: str, params, teacher_vars, x, y, *, step: int, seed: in
     log_t, log_s = log_p(teacher_logits), log_p(logits)
     kl = jnp.sum(jnp.where(known, jnp.exp(log_t) * (log_t - log_s), 0.0), -1)
     per_example = jnp.where(y < 5, (1 - a) * ce + a * t**2 * kl, ce)
+  elif arm == "ctkd":  # T = 1 + 20 sigmoid(theta), theta's gradient reversed with lambda
+    lam = (1 - np.cos(np.pi * (step // STEPS_PER_EPOCH + 1) / 10)) / 2  # epoch 1 of the ramp
+    theta = params["ctkd_temperature"]
+    reversed_theta = jax.lax.stop_gradient(theta) * (1 + lam) - lam * theta  # value theta
+    temperature = 1.0 + 20.0 * jax.nn.sigmoid(reversed_theta)
+    per_example = losses.kd_loss(logits, teacher_logits, y, alpha=a, temperature=temperature)
   else:
     raise AssertionError(arm)
   return jnp.mean(per_example[:num_real])
