@@ -91,7 +91,7 @@ def _time(run_steps, steps: int) -> float:
 
 def _single_step_fn(engine: Engine, arrays, batch_size: int):
   """One replica's training step, jitted: the engine's model, optimiser, loss and pipeline."""
-  module, tx, spec = engine.module, engine.tx, engine.spec
+  module, tx, spec = engine.module, engine.tx, engine.dataset
   aug_key = jnp.zeros((1, 2), jnp.uint32)  # augment 'none': the key is not used
 
   @jax.jit

@@ -216,14 +216,14 @@ class Engine:
     self.study = study
     self.config = study.config
     self.group: Group = group
-    self.spec = study.dataset
+    self.dataset = study.dataset
     # `config.compute_dtype`: the models compute in it (parameters, BatchNorm statistics and
     # logits stay float32; the losses upcast), teachers' forward passes too.
     self.run = study.run
     self.compute_dtype = self.run.compute_dtype
-    self.module = with_dtype(group.module(self.spec.num_classes), self.compute_dtype)
+    self.module = with_dtype(group.module(self.dataset.num_classes), self.compute_dtype)
     self.teacher_module = None if group.teacher_model is None else with_dtype(
-        group.teacher_model.module(self.spec.num_classes), self.compute_dtype)
+        group.teacher_model.module(self.dataset.num_classes), self.compute_dtype)
     self.tx = optim.make_optimizer(self.config.optimizer, self.group.total_steps,
                                    self.group.replicas[0].learning_rate)
     self.arms = self.group.arms()
@@ -255,7 +255,7 @@ class Engine:
     # Mutual learning: each step first computes every replica's logits on its batch (`peers`),
     # which the cohorts' losses read.
     self.reads_peers = any("peers" in arms_lib.TEACHER_SIGNALS[s].needs for s in self.signals)
-    self._dummy_input = self.spec.example_input()
+    self._dummy_input = self.dataset.example_input()
     self._init_variables = compilation.jit(
         lambda key: self.module.init(key, self._dummy_input, train=False))
     self._init_optimizer = compilation.jit(lambda params, lrs: optim.set_learning_rate(
@@ -594,14 +594,14 @@ class Engine:
     """This step's batch of every replica (`kdjax.data.train_batch`: its own order and
     augmentation), a zeroed metrics buffer [R] and the next step number."""
     batch = data_lib.train_batch(
-        arrays, self.spec, state.keys["augment"], state.step,
+        arrays, self.dataset, state.keys["augment"], state.step,
         batch_size=self.run.batch_size, order=order,
         augment_preset=tuple(r.augment for r in self.group.replicas))
     metrics = {name: jnp.zeros((self.num_replicas,), jnp.float32)
                for name in ("loss", "accuracy")}
-    inputs = {"x": batch[self.spec.input_key], "labels": batch["label"], "mask": batch["mask"]}
+    inputs = {"x": batch[self.dataset.input_key], "labels": batch["label"], "mask": batch["mask"]}
     # The peers' logits buffer [R, B, ..., C] of a group with mutual learning (else None).
-    peers = jnp.zeros(batch["label"].shape + (self.spec.num_classes,), jnp.float32) \
+    peers = jnp.zeros(batch["label"].shape + (self.dataset.num_classes,), jnp.float32) \
         if self.reads_peers else None
     if self.mesh.devices.size > 1:  # laid out as the block programs read them
       inputs, peers = jax.lax.with_sharding_constraint(
@@ -703,7 +703,7 @@ class Engine:
     sees every eval batch's logits [R, B, ...] and its mask (kdjax.train's similarity curves):
     one forward pass serves both."""
     totals = np.zeros((3, self.num_replicas))
-    for batch in data_lib.eval_batches(eval_arrays, self.spec, batch_size):
+    for batch in data_lib.eval_batches(eval_arrays, self.dataset, batch_size):
       logits = self.predict(variables, batch.x)
       correct, ce, count = _eval_sums(logits, batch.labels, batch.mask)
       totals += np.stack([distributed.to_host(v) for v in (correct, ce, count)])

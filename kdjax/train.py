@@ -284,7 +284,7 @@ def class_relations(engine: Engine, variables, train: dict, batch_size: int) -> 
   logits = split_logits(engine, variables, train, batch_size)
   labels = np.asarray(train["label"])
   return np.stack([np.asarray(losses.class_relation_matrix(
-      logits[j], labels, engine.spec.num_classes)) for j in range(logits.shape[0])])
+      logits[j], labels, engine.dataset.num_classes)) for j in range(logits.shape[0])])
 
 
 def split_logits(engine: Engine, variables, split: dict, batch_size: int) -> np.ndarray:
@@ -292,7 +292,7 @@ def split_logits(engine: Engine, variables, split: dict, batch_size: int) -> np.
   order, un-augmented (padded eval batches, the padding cut off)."""
   arrays = data_lib.to_device(split, engine.replicated)
   parts = [distributed.to_host(engine.predict(variables, batch.x))
-           for batch in data_lib.eval_batches(arrays, engine.spec, batch_size)]
+           for batch in data_lib.eval_batches(arrays, engine.dataset, batch_size)]
   return np.concatenate(parts, axis=1)[:, :len(split["label"])]  # slots in example order
 
 

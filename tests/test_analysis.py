@@ -318,8 +318,8 @@ def test_tests_equal_scipy_and_holm(study):
 def test_unpaired_arms_keep_mann_whitney():
   """A control whose seeds do not all match: Mann-Whitney, and the record says why."""
   from kdjax.analysis import statistics  # pylint: disable=g-import-not-at-top
-  groups = [statistics.Group("kd", "kd", (), (0, 1, 2), (0, 1, 2)),
-            statistics.Group("rcd", "rcd", (), (3, 4, 5), (3, 4, 5))]
+  groups = [statistics.ArmGroup("kd", "kd", (), (0, 1, 2), (0, 1, 2)),
+            statistics.ArmGroup("rcd", "rcd", (), (3, 4, 5), (3, 4, 5))]
   metrics = [{"accuracy": v} for v in (0.93, 0.95, 0.96, 0.88, 0.87, 0.90)]
   keys = [(0, 0), (1, 0), (2, 0), (0, 0), (5, 0), (6, 0)]
   (record,) = statistics.run_tests(groups, metrics, ["accuracy"], pair_keys=keys)
@@ -512,8 +512,8 @@ def test_grid_groups_and_matched_comparisons():
 
 def test_verdicts_follow_direction_and_holm_p():
   from kdjax.analysis import statistics
-  groups = {g.name: g for g in (statistics.Group("kd", "kd", (), (0,), (0,)),
-                                statistics.Group("siddo", "siddo", (), (1,), (1,)))}
+  groups = {g.name: g for g in (statistics.ArmGroup("kd", "kd", (), (0,), (0,)),
+                                statistics.ArmGroup("siddo", "siddo", (), (1,), (1,)))}
   test = {"metric": "agree_when_teacher_incorrect", "a": "kd", "b": "siddo", "statistic": 60.0,
           "p_value": 0.0004, "p_holm": 0.003, "effect_size": 0.94, "n_a": 8, "n_b": 8}
   assert statistics.verdict(test, groups) == (

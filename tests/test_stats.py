@@ -419,8 +419,8 @@ def test_summarize_invalid():
 def test_analysis_records_the_p_value_method_of_every_test():
   """metrics.json's tests carry `p_method`; tied 3 vs 3 seeds get the permutation p-value."""
   from kdjax.analysis import statistics  # pylint: disable=g-import-not-at-top
-  groups = [statistics.Group("kd", "kd", (), (0, 1, 2), (0, 1, 2)),
-            statistics.Group("rcd", "rcd", (), (3, 4, 5), (3, 4, 5))]
+  groups = [statistics.ArmGroup("kd", "kd", (), (0, 1, 2), (0, 1, 2)),
+            statistics.ArmGroup("rcd", "rcd", (), (3, 4, 5), (3, 4, 5))]
   accuracy = [0.93, 0.95, 0.95, 0.88, 0.88, 0.90]
   js = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
   replica_metrics = [{"accuracy": a, "js_divergence": j} for a, j in zip(accuracy, js)]

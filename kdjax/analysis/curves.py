@@ -26,7 +26,7 @@ from matplotlib.figure import Figure
 from kdjax import train
 from kdjax import workdir as workdir_lib
 from kdjax.analysis import plots as plots_lib
-from kdjax.analysis.statistics import Group
+from kdjax.analysis.statistics import ArmGroup
 
 SOURCE = f"students/{train.CURVES_FILE}"
 _TITLES = {"accuracy": "accuracy", "agreement": "agreement with the teacher",
@@ -47,7 +47,7 @@ def read(workdir: str, replicas) -> dict | None:
   return saved
 
 
-def build(saved: dict, groups: Sequence[Group]) -> dict:
+def build(saved: dict, groups: Sequence[ArmGroup]) -> dict:
   """metrics.json's `curves` from curves.json's content (see the module docstring)."""
   metrics = list(saved["metrics"])
   points = sorted(saved["points"], key=lambda p: p["step"])
@@ -74,7 +74,7 @@ def build(saved: dict, groups: Sequence[Group]) -> dict:
           "arms": arms}
 
 
-def plot(path: str, curves: dict, groups: Sequence[Group]) -> None:
+def plot(path: str, curves: dict, groups: Sequence[ArmGroup]) -> None:
   """plots/curves.png: per metric, each arm entry's mean over its students by step, with the
   min-max band over them."""
   metrics = curves["metrics"]

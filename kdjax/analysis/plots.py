@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 
 from kdjax import metrics as metrics_lib
 from kdjax import workdir as workdir_lib
-from kdjax.analysis.statistics import Group, HIGHER_IS_MORE_SIMILAR
+from kdjax.analysis.statistics import ArmGroup, HIGHER_IS_MORE_SIMILAR
 
 # At most this many points per scatter panel (a fixed-seed subsample beyond it).
 MAX_SCATTER_POINTS = 20_000
@@ -58,7 +58,7 @@ def true_class_logit(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
   return np.asarray(_true_class_logit(logits, labels)).reshape(-1)
 
 
-def confidence_scatter(path: str, groups: Sequence[Group], labels: np.ndarray,
+def confidence_scatter(path: str, groups: Sequence[ArmGroup], labels: np.ndarray,
                        teacher_logits: np.ndarray, student_logits: np.ndarray,
                        compared_teacher: np.ndarray) -> None:
   """One panel per group: x = teacher's, y = student's logit-transformed probability of the true
@@ -105,7 +105,7 @@ def confidence_scatter(path: str, groups: Sequence[Group], labels: np.ndarray,
   _save(fig, path)
 
 
-def agreement_split(path: str, groups: Sequence[Group], replica_metrics: Sequence[dict],
+def agreement_split(path: str, groups: Sequence[ArmGroup], replica_metrics: Sequence[dict],
                     summaries: dict, teacher_pair_means: dict | None = None) -> None:
   """Per group, bars of mean agreement with the teacher on teacher-correct and teacher-incorrect
   points (error bars: 95% bootstrap CI), one dot per student; dashed lines: teacher-teacher
@@ -145,7 +145,7 @@ def agreement_split(path: str, groups: Sequence[Group], replica_metrics: Sequenc
   _save(fig, path)
 
 
-def metric_strips(path: str, groups: Sequence[Group], replica_metrics: Sequence[dict],
+def metric_strips(path: str, groups: Sequence[ArmGroup], replica_metrics: Sequence[dict],
                   metric_names: Sequence[str]) -> None:
   """One panel per metric: a box plot per group over its students, with a dot per student."""
   rows, cols = _grid(len(metric_names), 5)

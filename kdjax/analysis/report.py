@@ -7,8 +7,8 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-from kdjax.analysis import statistics as stats_lib
-from kdjax.analysis.statistics import Group
+from kdjax.analysis import statistics
+from kdjax.analysis.statistics import ArmGroup
 
 PLOTS = (
     ("confidence_scatter.png", "Teacher vs student confidence",
@@ -69,7 +69,7 @@ def _config_rows(config, num_eval: int, num_classes: int) -> list[tuple[str, str
   ]
 
 
-def render(*, command: str | None, study, results: dict, groups: Sequence[Group],
+def render(*, command: str | None, study, results: dict, groups: Sequence[ArmGroup],
            metric_names: Sequence[str], exclusions: Sequence[str], num_excluded: int,
            num_predictions: int) -> str:
   """The report's markdown. `results` is the metrics.json content before JSON encoding;
@@ -121,7 +121,7 @@ def render(*, command: str | None, study, results: dict, groups: Sequence[Group]
   header = ["metric"] + [f"{g.display} (n = {len(g.included)})" for g in groups]
   out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for m in metric_names:
-    arrow = "↑" if stats_lib.HIGHER_IS_MORE_SIMILAR[m] > 0 else "↓"
+    arrow = "↑" if statistics.HIGHER_IS_MORE_SIMILAR[m] > 0 else "↓"
     cells = []
     for g in groups:
       s = arms[g.name][m]
@@ -147,14 +147,14 @@ def render(*, command: str | None, study, results: dict, groups: Sequence[Group]
             "otherwise the Mann-Whitney U test (statistic U). r is the rank-biserial "
             "correlation (matched-pairs for Wilcoxon; r > 0: the first arm's values tend to be "
             f"larger); p-values are Holm-corrected across the {len(metric_names)} metrics of "
-            f"each comparison; verdicts at p_holm <= {stats_lib.SIGNIFICANCE}. The column 'p by' "
+            f"each comparison; verdicts at p_holm <= {statistics.SIGNIFICANCE}. The column 'p by' "
             "says how each p-value was computed: exact (the exact null distribution, no ties), "
             "permutation (every split, or every sign assignment, of the tied values "
             "enumerated), monte_carlo (9,999 seeded random splits) or asymptotic (normal "
             "approximation, large tied samples only). Equivalence: two one-sided t-tests "
             "(TOST, paired t on seed-matched pairs, else Welch) against the margin of each "
             f"metric, Holm-corrected the same way; 'equivalent' at TOST p_holm <= "
-            f"{stats_lib.SIGNIFICANCE} (margins: `--config.{stats_lib.MARGINS_KEY}`).", ""]
+            f"{statistics.SIGNIFICANCE} (margins: `--config.{statistics.MARGINS_KEY}`).", ""]
     pairs = list(dict.fromkeys((t["a"], t["b"]) for t in tests))
     for a, b in pairs:
       block = [t for t in tests if (t["a"], t["b"]) == (a, b)]
@@ -162,22 +162,22 @@ def render(*, command: str | None, study, results: dict, groups: Sequence[Group]
               "| metric | test | W+ or U | p | p_holm | r | n | p by | margin | TOST p_holm "
               "| equivalent |", "|---|---|---|---|---|---|---|---|---|---|---|"]
       for t in block:
-        star = " *" if stats_lib.is_significant(t) else ""
+        star = " *" if statistics.is_significant(t) else ""
         u = "n/a" if not math.isfinite(t["statistic"]) else f"{t['statistic']:g}"
         r = "n/a" if not math.isfinite(t["effect_size"]) else f"{t['effect_size']:+.2f}"
         n = (f"{t['n_pairs']} pairs" if t.get("test") == "wilcoxon"
              else f"{t['n_a']} vs {t['n_b']}")
         e = t.get("equivalence")
-        tost = (f"+-{e['margin']:g} | {stats_lib.format_p(e['p_holm'])} | "
+        tost = (f"+-{e['margin']:g} | {statistics.format_p(e['p_holm'])} | "
                 f"{'yes' if e['equivalent'] else 'no'}") if e else "n/a | n/a | n/a"
         out.append(f"| {t['metric']} | {_TEST_SHORT.get(t.get('test'), 'n/a')} | {u} | "
-                   f"{stats_lib.format_p(t['p_value'])} | "
-                   f"{stats_lib.format_p(t['p_holm'])}{star} | {r} | {n} | "
+                   f"{statistics.format_p(t['p_value'])} | "
+                   f"{statistics.format_p(t['p_holm'])}{star} | {r} | {n} | "
                    f"{t.get('p_method') or 'n/a'} | {tost} |")
       out.append("")
-      out += [f"- {stats_lib.test_choice(block)}"]
-      out += [f"- {line}" for line in stats_lib.comparison_verdicts(block, by_name)]
-      out += [f"- {line}" for line in stats_lib.equivalence_lines(block, by_name)]
+      out += [f"- {statistics.test_choice(block)}"]
+      out += [f"- {line}" for line in statistics.comparison_verdicts(block, by_name)]
+      out += [f"- {line}" for line in statistics.equivalence_lines(block, by_name)]
       out.append("")
     out += _power_section(tests, by_name, config)
   out += _null_reference_section(results, groups)
@@ -212,7 +212,7 @@ _TEST_SHORT = {"wilcoxon": "Wilcoxon", "mann_whitney": "Mann-Whitney"}
 
 def _no_verdict_note(results: dict, by_name: dict) -> list[str]:
   """The report's first lines when some comparison cannot reach a verdict (issue 15)."""
-  blocked = stats_lib.no_verdict_comparisons(results.get("tests") or [])
+  blocked = statistics.no_verdict_comparisons(results.get("tests") or [])
   if not blocked:
     return []
   out = []
@@ -225,16 +225,16 @@ def _no_verdict_note(results: dict, by_name: dict) -> list[str]:
     fix = (f"`--config.num_seeds={seeds}` would make one possible" if seeds
            else "no seed count within reach would make one possible")
     out.append(f"> **No verdict is possible for {by_name[a].display} vs {by_name[b].display}:** "
-               f"with {n}, the smallest p-value the {stats_lib.TEST_NAMES[t['test']]} test can "
-               f"reach is {stats_lib.format_p(power['min_p'])}, "
-               f"{stats_lib.format_p(power['min_p_holm'])} after Holm across "
-               f"{power['num_tests']} metrics, above {stats_lib.SIGNIFICANCE} whatever the data; "
+               f"with {n}, the smallest p-value the {statistics.TEST_NAMES[t['test']]} test can "
+               f"reach is {statistics.format_p(power['min_p'])}, "
+               f"{statistics.format_p(power['min_p_holm'])} after Holm across "
+               f"{power['num_tests']} metrics, above {statistics.SIGNIFICANCE} whatever the data; "
                f"{fix} (seeds for 80% power at the observed effects: section Power).")
     out.append(">")
   return out[:-1] + [""]
 
 
-def _teacher_note(results: dict, groups: Sequence[Group], num_teachers: int) -> list[str]:
+def _teacher_note(results: dict, groups: Sequence[ArmGroup], num_teachers: int) -> list[str]:
   """How the intervals were computed and what the number of teachers allows (issue 15)."""
   counts = sorted({s["agreement"]["n_teachers"] for s in results["arms"].values()
                    if s["agreement"]["n"] >= 2})
@@ -259,7 +259,7 @@ def _teacher_note(results: dict, groups: Sequence[Group], num_teachers: int) -> 
 
 
 def _seeds(value) -> str:
-  return f"more than {stats_lib.MAX_POWER_SEEDS}" if value is None else str(value)
+  return f"more than {statistics.MAX_POWER_SEEDS}" if value is None else str(value)
 
 
 def _power_section(tests: Sequence[dict], by_name: dict, config) -> list[str]:
@@ -271,7 +271,7 @@ def _power_section(tests: Sequence[dict], by_name: dict, config) -> list[str]:
          "'seeds for 80% power' is the number of seeds per arm with which the test would "
          "detect the observed difference with probability 0.8, at 0.05 and at 0.05/m (the "
          "strictest Holm step, sufficient for a verdict after Holm), estimated by "
-         f"{stats_lib.POWER_METHOD}; 'more than {stats_lib.MAX_POWER_SEEDS}': no or a tiny "
+         f"{statistics.POWER_METHOD}; 'more than {statistics.MAX_POWER_SEEDS}': no or a tiny "
          f"observed difference. The study has {config.num_seeds} seeds per arm and grid point.",
          ""]
   for a, b in dict.fromkeys((t["a"], t["b"]) for t in tests):
@@ -283,15 +283,15 @@ def _power_section(tests: Sequence[dict], by_name: dict, config) -> list[str]:
             "power at 0.05 | at 0.05/m |", "|---|---|---|---|---|---|---|"]
     for t in block:
       p = t["power"]
-      out.append(f"| {t['metric']} | {_TEST_SHORT[t['test']]} | {stats_lib.format_p(p['min_p'])}"
-                 f" | {stats_lib.format_p(p['min_p_holm'])} | "
+      out.append(f"| {t['metric']} | {_TEST_SHORT[t['test']]} | {statistics.format_p(p['min_p'])}"
+                 f" | {statistics.format_p(p['min_p_holm'])} | "
                  f"{'yes' if p['verdict_possible'] else 'no'} | {_seeds(p['seeds_for_power'])} | "
                  f"{_seeds(p['seeds_for_power_holm'])} |")
     out.append("")
   return out
 
 
-def _null_reference_section(results: dict, groups: Sequence[Group]) -> list[str]:
+def _null_reference_section(results: dict, groups: Sequence[ArmGroup]) -> list[str]:
   """## Null references: each arm's similarity to its teacher next to that of unrelated pairs."""
   ref = results.get("null_reference")
   if not ref:

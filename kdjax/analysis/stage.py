@@ -24,7 +24,7 @@ from kdjax.analysis import predictions as predictions_lib
 from kdjax.analysis import report as report_lib
 from kdjax.analysis import references as references_lib
 from kdjax.analysis import sections as sections_lib
-from kdjax.analysis import statistics as stats_lib
+from kdjax.analysis import statistics
 from kdjax.analysis import tables as tables_lib
 from kdjax.analysis import teacher_calibration as teacher_calibration_lib
 from kdjax.analysis.predictions import METRICS
@@ -102,14 +102,14 @@ def build_results(study, preds: predictions_lib.Predictions, student_diverged: n
                           "excluded": [i for i in g.replicas if i not in g.included]}
                  for g in groups},
       "protocol": {
-          "reference_arm": stats_lib.reference_arm([g.arm for g in groups]),
+          "reference_arm": statistics.reference_arm([g.arm for g in groups]),
           "test": "two-sided Mann-Whitney U (scipy.stats.mannwhitneyu, method='auto', "
                   "continuity correction)",
           "effect_size": "rank-biserial correlation r = 2 U / (n_a n_b) - 1",
           "correction": f"Holm across the {len(METRICS)} metrics of each comparison",
-          "significance": stats_lib.SIGNIFICANCE,
-          "interval": f"{stats_lib.CONFIDENCE:.0%} percentile bootstrap of the mean, "
-                      f"{stats.DEFAULT_NUM_RESAMPLES} resamples, seed {stats_lib.BOOTSTRAP_SEED}",
+          "significance": statistics.SIGNIFICANCE,
+          "interval": f"{statistics.CONFIDENCE:.0%} percentile bootstrap of the mean, "
+                      f"{stats.DEFAULT_NUM_RESAMPLES} resamples, seed {statistics.BOOTSTRAP_SEED}",
           "std": "sample standard deviation (ddof = 1)",
       },
   }
@@ -187,17 +187,17 @@ def run(workdir: str, *, command: str | None = None) -> dict | None:
   replicas = study.students.replicas
   excluded, excluded_lines = exclusions(replicas, preds.compared_teacher, student_reasons,
                                         teacher_reasons)
-  groups = stats_lib.make_groups(replicas, excluded)
-  summaries = stats_lib.summarize_groups(groups, preds.student_metrics, METRICS,
+  groups = statistics.make_groups(replicas, excluded)
+  summaries = statistics.summarize_groups(groups, preds.student_metrics, METRICS,
                                          clusters=preds.compared_teacher)
-  margins = stats_lib.equivalence_margins(study.config)
-  tests = stats_lib.run_tests(
+  margins = statistics.equivalence_margins(study.config)
+  tests = statistics.run_tests(
       groups, preds.student_metrics, METRICS, margins=margins, power=True,
       pair_keys=[(r.seed, int(preds.compared_teacher[r.index])) for r in replicas])
   results = build_results(study, preds, student_diverged, teacher_diverged, groups, tests,
                           summaries)
   # Issue 15: the tests' protocol, null references and the per-class numbers.
-  results["protocol"].update(stats_lib.protocol(margins))
+  results["protocol"].update(statistics.protocol(margins))
   results["null_reference"] = references_lib.null_references(
       groups, replicas, preds.student_logits, preds.labels, summaries,
       results.get("teacher_agreement"))

@@ -62,7 +62,7 @@ _ARM_DISPLAY = {"kd": "KD", "rcd": "RCD", "siddo": "SIDDO", "onehot": "one-hot",
 
 
 @dataclasses.dataclass(frozen=True)
-class Group:
+class ArmGroup:
   """The student replicas of one arm at one grid point."""
   name: str
   arm: str
@@ -80,7 +80,7 @@ def _fmt(value) -> str:
   return value if isinstance(value, str) else f"{value:g}"
 
 
-def make_groups(replicas: Sequence, excluded: set[int]) -> list[Group]:
+def make_groups(replicas: Sequence, excluded: set[int]) -> list[ArmGroup]:
   """Groups of student replicas (see the module docstring), in the order of first appearance."""
   by_arm: dict[str, list] = {}
   for r in replicas:
@@ -95,7 +95,7 @@ def make_groups(replicas: Sequence, excluded: set[int]) -> list[Group]:
       points.setdefault(key, []).append(r.index)
     for key, indices in points.items():
       name = arm + ("[" + ",".join(f"{label}={_fmt(v)}" for label, v in key) + "]" if key else "")
-      groups.append(Group(name=name, arm=arm, hparams=key, replicas=tuple(indices),
+      groups.append(ArmGroup(name=name, arm=arm, hparams=key, replicas=tuple(indices),
                           included=tuple(i for i in indices if i not in excluded)))
   return groups
 
@@ -105,7 +105,7 @@ def reference_arm(arm_names: Sequence[str]) -> str:
   return "kd" if "kd" in arm_names else arm_names[0]
 
 
-def comparisons(groups: Sequence[Group]) -> list[tuple[Group, Group]]:
+def comparisons(groups: Sequence[ArmGroup]) -> list[tuple[ArmGroup, ArmGroup]]:
   """(reference group, control group) pairs: every reference-arm group against the matching
   group of every other arm (same values of the hyperparameters the control arm varies over;
   every group of that arm when none matches)."""
@@ -131,7 +131,7 @@ def metric_values(replica_metrics: Sequence[dict], indices: Sequence[int],
   return values[np.isfinite(values)]
 
 
-def summarize_groups(groups: Sequence[Group], replica_metrics: Sequence[dict],
+def summarize_groups(groups: Sequence[ArmGroup], replica_metrics: Sequence[dict],
                      metric_names: Sequence[str],
                      clusters: Sequence[int] | None = None) -> dict[str, dict[str, dict]]:
   """{group: {metric: {"mean", "std", "ci_low", "ci_high", "n", "n_teachers", "ci_method"}}}
@@ -242,7 +242,7 @@ def _power(test: str, x, y, num_tests: int, paired: bool, p_method: str | None) 
   return record
 
 
-def run_tests(groups: Sequence[Group], replica_metrics: Sequence[dict],
+def run_tests(groups: Sequence[ArmGroup], replica_metrics: Sequence[dict],
               metric_names: Sequence[str], *, pair_keys: Sequence | None = None,
               margins: dict[str, float] | None = None, power: bool = False) -> list[dict]:
   """Reference vs control for every metric, Holm-corrected across the metrics of each
@@ -393,7 +393,7 @@ def format_p(p: float) -> str:
   return f"{p:.2e}" if p < 1e-3 else f"{p:.3g}"
 
 
-def verdict(test: dict, groups_by_name: dict[str, Group],
+def verdict(test: dict, groups_by_name: dict[str, ArmGroup],
             alpha: float = SIGNIFICANCE) -> str:
   """One sentence for one test record: direction from the rank-biserial r (r > 0: the reference
   group tends to be larger), significance from p_holm at `alpha`."""
@@ -440,7 +440,7 @@ def _margin(value: float) -> str:
   return f"+-{value:g}"
 
 
-def equivalence_lines(block: Sequence[dict], groups_by_name: dict[str, Group]) -> list[str]:
+def equivalence_lines(block: Sequence[dict], groups_by_name: dict[str, ArmGroup]) -> list[str]:
   """The TOST verdicts of one comparison: one sentence per equivalent metric, one listing the
   undecided metrics (neither significantly different nor equivalent), one for metrics that
   differ significantly by more than the margin allows."""
@@ -487,7 +487,7 @@ def is_significant(test: dict, alpha: float = SIGNIFICANCE) -> bool:
   return p is not None and bool(np.isfinite(p)) and p <= alpha
 
 
-def comparison_verdicts(block: Sequence[dict], groups_by_name: dict[str, Group],
+def comparison_verdicts(block: Sequence[dict], groups_by_name: dict[str, ArmGroup],
                         alpha: float = SIGNIFICANCE) -> list[str]:
   """The verdicts of one comparison (the tests of one (a, b) pair): one sentence per significant
   metric, then one sentence listing the metrics without a significant difference, then the
