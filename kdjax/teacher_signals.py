@@ -316,11 +316,9 @@ def peer_mean_probabilities(peer_logits, peer_mask=None, *,
   if np.ndim(peer_logits) < 2:
     raise ValueError(f"peer_logits must be [P, ..., C] (a peer axis and a class axis), got shape "
                      f"{tuple(np.shape(peer_logits))}")
-  _check_temperature(temperature)
-  z = _as_float(peer_logits)
-  w = _peer_weights(peer_mask, z.shape[0]).reshape((-1,) + (1,) * (z.ndim - 1))
-  probs = jax.nn.softmax(z / losses._expand_last(temperature), axis=-1)
-  return jnp.sum(w * probs, axis=0) / jnp.sum(w)
+  w = _peer_weights(peer_mask, np.shape(peer_logits)[0])
+  # The included peers' uniform mixture: weights 1/|S| on S.
+  return weighted_ensemble_probabilities(peer_logits, w / jnp.sum(w), temperature=temperature)
 
 
 def mutual_kd_loss(student_logits, peer_logits, peer_mask=None, *,
