@@ -56,12 +56,14 @@ def replica_table(replicas, groups, compared_teacher, student_diverged, excluded
                   student_metrics: Sequence[dict], metric_names: Sequence[str]):
   """(header, rows) of replicas.csv."""
   group_of = {i: g.name for g in groups for i in g.replicas}
-  header = (list(IDENTITY_FIELDS) + ["group", "compared_teacher", "diverged", "excluded"]
+  # The cohort column only where the study has cohorts (mutual learning), as Replica.to_json.
+  fields = [f for f in IDENTITY_FIELDS if f != "cohort" or any(r.cohort for r in replicas)]
+  header = (fields + ["group", "compared_teacher", "diverged", "excluded"]
             + list(metric_names))
   rows = []
   for r in replicas:
     identity = dataclasses.asdict(r)
-    rows.append([identity[f] for f in IDENTITY_FIELDS]
+    rows.append([identity[f] for f in fields]
                 + [group_of.get(r.index, ""), int(compared_teacher[r.index]),
                    bool(student_diverged[r.index]), r.index in excluded]
                 + [student_metrics[r.index][m] for m in metric_names])
