@@ -94,7 +94,7 @@ def test_class_relations_of_a_teacher_group_on_the_train_split():
     del variables
     return jnp.einsum("bd,tdc->tbc", x.reshape(x.shape[0], -1), weights)
 
-  engine = types.SimpleNamespace(spec=spec, replicated=None, predict=predict)
+  engine = types.SimpleNamespace(dataset=spec, replicated=None, predict=predict)
   got = train.class_relations(engine, None, split, batch_size=256)
   x = np.asarray(data_lib.eval_batch(data_lib.to_device(split), spec,
                                      np.arange(len(split["label"])),

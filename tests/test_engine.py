@@ -642,6 +642,32 @@ def test_reliability_weighted_ensemble_weighs_members_by_their_scores(teachers):
     assert not np.allclose(loss[2], loss[1 - same_as])
 
 
+def test_calibrated_teacher_is_the_teacher_with_its_head_scaled_by_one_over_t(teachers):
+  """kd_calibrated distils from logits / T_j: it equals kd from a teacher whose output layer
+  (the cnn's 'head', logits = W h + b) is multiplied by 1/T_j, for T = (2.5, 0.5); with T = 1
+  it is kd itself."""
+  study = _arms_study("vmap", ("kd", "kd_calibrated"), val_fraction=0.1)
+  engine = _engine(study, "students")
+  arrays, _ = _placed(engine, study)
+  for temperatures in ((2.5, 0.5), (1.0, 1.0)):
+    scaled = jax.tree_util.tree_map_with_path(
+        lambda path, a: a / np.array(temperatures, np.float32).reshape((2,) + (1,) * (a.ndim - 1))
+        if "head" in jax.tree_util.keystr(path) else a, teachers.variables)
+    losses_of = []
+    for variables, temps, row in ((teachers.variables, temperatures, 1),
+                                  (scaled, (1.0, 1.0), 0)):
+      placed = jax.device_put(engine_lib.Teachers(
+          variables=variables, temperatures=np.array(temps, np.float32)), engine.replicated)
+      state = engine.init_state()
+      _, order = engine.order_for_step(state, study.num_train)
+      state, metrics = engine.train_step(state, order, arrays, placed)
+      losses_of.append((np.asarray(metrics["loss"])[row], _row(state.params, row)))
+    (calibrated, params_c), (kd_scaled, params_k) = losses_of
+    np.testing.assert_allclose(calibrated, kd_scaled, rtol=1e-5, err_msg=str(temperatures))
+    _assert_trees_close(params_c, params_k, rtol=1e-4, atol=1e-6,
+                        what=f"kd_calibrated vs kd from the scaled head, T = {temperatures}")
+
+
 # ---------------------------------------------------------------- 4. noise and orders
 
 
