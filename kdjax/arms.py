@@ -67,54 +67,76 @@ from kdjax import teacher_signals
 
 @dataclasses.dataclass(frozen=True)
 class TeacherSignal:
-  """Where a replica's teacher logits come from (kdjax.engine computes them on the replica's own
-  augmented batch). `reads`: which trained teachers it reads, "teacher" (the replica's own),
-  "ensemble" (its ensemble's members) or "" (none). `members`: the logits have a leading member
-  axis (an ensemble's teachers, a cohort's peers; `ReplicaHParams.member_slots`) and the loss is
+  """Where a replica's teacher logits come from; kdjax.engine computes them on the replica's own
+  augmented batch from `source`: "none" (no teacher term), "noise" (RCD's uniform logits),
+  "teacher" (the replica's own trained teacher), "ensemble" (its ensemble's members) or "peers"
+  (its cohort's logits on the current step: mutual learning). With several members (ensemble,
+  peers; `ReplicaHParams.member_slots`) the logits have a leading member axis and the loss is
   the `member_weights`-weighted mean of the loss kind against each member (module docstring,
-  "Ensembles"). `needs`: "validation" when it needs the validation split (`val_fraction`; the
-  teachers' temperatures are fitted on it), "peers" when it reads its cohort's logits on the
-  current step (mutual learning). `reliability_weighted`: the members' weights are their
-  teachers' reliability scores on the validation split (`Teachers.reliability`), normalised over
-  the replica's members, instead of `member_weights`. `options`: the `LossOptions` fields it
-  reads."""
+  "Ensembles"). `transform(logits, labels, teachers, hp)` changes the teacher's logits before
+  the loss (a corrected or calibrated teacher). `needs`: "validation" when it needs the
+  validation split (`val_fraction`; the teachers' temperatures and reliabilities are fitted on
+  it). `reliability_weighted`: the members' weights are their teachers' reliability scores on
+  the validation split (`Teachers.reliability`), normalised over the replica's members,
+  instead of `member_weights`. `options`: the `LossOptions` fields it reads."""
   name: str
   description: str
-  reads: str = ""
-  members: bool = False
+  source: str = "none"
+  transform: Callable | None = None
   needs: frozenset[str] = frozenset()
   reliability_weighted: bool = False
   options: tuple[str, ...] = ()
 
+  @property
+  def reads(self) -> str:
+    """The trained teachers it reads: "teacher", "ensemble" or "" (none)."""
+    return self.source if self.source in ("teacher", "ensemble") else ""
+
+  @property
+  def members(self) -> bool:
+    """Whether its logits have a member axis (ensemble members, cohort peers)."""
+    return self.source in ("ensemble", "peers")
+
+
+def _swap_correct(logits, labels, teachers, hp) -> jax.Array:
+  del teachers, hp
+  return teacher_signals.swap_correct_logits(logits, labels)
+
+
+def _calibrate(logits, labels, teachers, hp) -> jax.Array:
+  del labels
+  return logits / teachers.temperatures[hp.teacher_slot]
+
 
 TEACHER_SIGNALS: dict[str, TeacherSignal] = {s.name: s for s in [
     TeacherSignal("none", "no teacher term (labels only)"),
-    TeacherSignal("teacher", "the replica's own teacher", reads="teacher"),
-    TeacherSignal("ensemble", "the members of the replica's teacher ensemble", reads="ensemble",
-                  members=True),
+    TeacherSignal("teacher", "the replica's own teacher", source="teacher"),
+    TeacherSignal("ensemble", "the members of the replica's teacher ensemble",
+                  source="ensemble"),
     TeacherSignal("noise", "uniform noise logits (random control distillation)",
-                  options=("rcd_minval", "rcd_maxval")),
+                  source="noise", options=("rcd_minval", "rcd_maxval")),
     # Wen et al., "Preparing Lessons: Improve Knowledge Distillation with Better Supervision"
     # (arXiv 1911.07471), knowledge adjustment by probability shift:
     # kdjax.teacher_signals.swap_correct_logits.
     TeacherSignal("corrected_teacher", "the replica's own teacher with, where it is wrong on the "
-                  "batch, the true class's and its top class's logits swapped", reads="teacher"),
+                  "batch, the true class's and its top class's logits swapped",
+                  source="teacher", transform=_swap_correct),
     # Guo et al., "On Calibration of Modern Neural Networks" (ICML 2017): the teacher's logits
     # divided by its temperature fitted on the validation split (kdjax.calibration).
     TeacherSignal("calibrated_teacher", "the replica's own teacher after post-hoc temperature "
-                  "scaling on the validation split", reads="teacher",
+                  "scaling on the validation split", source="teacher", transform=_calibrate,
                   needs=frozenset({"validation"})),
     # A reliability-weighted teacher ensemble: member m weighted by its validation accuracy
     # (or calibrated confidence; arm_options.ensemble_reliability), w_m = a_m / sum_j a_j
     # (kdjax.teacher_signals.reliability_weights, mode "accuracy").
     TeacherSignal("reliable_ensemble", "the members of the replica's teacher ensemble, each "
-                  "weighted by its reliability on the validation split", reads="ensemble",
-                  members=True, needs=frozenset({"validation"}), reliability_weighted=True,
+                  "weighted by its reliability on the validation split", source="ensemble",
+                  needs=frozenset({"validation"}), reliability_weighted=True,
                   options=("ensemble_reliability",)),
     # Zhang et al., "Deep Mutual Learning" (CVPR 2018): the other members of the replica's
     # cohort, their logits on this step's shared batch before anyone's update.
     TeacherSignal("peers", "the other students of the replica's cohort on the same batch",
-                  members=True, needs=frozenset({"peers"})),
+                  source="peers"),
 ]}
 
 

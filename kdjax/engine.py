@@ -59,7 +59,6 @@ from kdjax import losses
 from kdjax import models as models_lib
 from kdjax import optim
 from kdjax import replicas as replicas_lib
-from kdjax import teacher_signals
 from kdjax.models import _common as models_common
 from kdjax.study import MESH_AXES, Group, Study
 
@@ -254,7 +253,7 @@ class Engine:
     self.feature_names = arms_lib.feature_names(self.kinds, study.loss_options)
     # Mutual learning: each step first computes every replica's logits on its batch (`peers`),
     # which the cohorts' losses read.
-    self.reads_peers = any("peers" in arms_lib.TEACHER_SIGNALS[s].needs for s in self.signals)
+    self.reads_peers = any(arms_lib.TEACHER_SIGNALS[s].source == "peers" for s in self.signals)
     self._dummy_input = self.dataset.example_input()
     self._init_variables = compilation.jit(
         lambda key: self.module.init(key, self._dummy_input, train=False))
@@ -349,7 +348,8 @@ class Engine:
     """(teacher logits, teacher features {name: map}) of one replica for one signal kind (see
     arms_lib.TEACHER_SIGNALS); for a signal with `members` (ensembles) the logits are
     [M, B, ...], one per member."""
-    if signal == "noise":
+    record = arms_lib.TEACHER_SIGNALS[signal]
+    if record.source == "noise":
       shape = student_logits.shape
       # The whole batch's noise, then this data shard's rows: the draws of a data=1 run.
       noise = losses.random_control_logits(
@@ -359,16 +359,16 @@ class Engine:
         noise = jax.lax.dynamic_slice_in_dim(
             noise, jax.lax.axis_index(self._data_axis) * shape[0], shape[0])
       return noise, None
-    if signal == "peers":  # [M, B, ...]: the cohort's logits (this data shard's examples)
+    if record.source == "peers":  # [M, B, ...]: the cohort's logits (this data shard's examples)
       return peers[hp.member_slots], None
-    if signal in ("ensemble", "reliable_ensemble"):
+    if record.source == "ensemble":
       # [M, B, C]: the members one after another, not vmapped (a vmapped conv is slow on
       # XLA:CPU); the loss averages over them (kdjax/arms.py, "Ensembles").
       return jnp.stack([
           self.teacher_module.apply(
               jax.tree.map(lambda a, j=j: a[hp.member_slots[j]], teachers.variables), x,
               train=False) for j in range(hp.member_slots.shape[-1])]), None
-    if signal in ("teacher", "corrected_teacher", "calibrated_teacher"):
+    if record.source == "teacher":
       variables = jax.tree.map(lambda a: a[hp.teacher_slot], teachers.variables)
       features = None
       if self.feature_names:
@@ -377,10 +377,8 @@ class Engine:
         features = {n: all_features[n] for n in self.feature_names}
       else:
         logits = self.teacher_module.apply(variables, x, train=False)
-      if signal == "corrected_teacher":
-        logits = teacher_signals.swap_correct_logits(logits, labels)
-      if signal == "calibrated_teacher":
-        logits = logits / teachers.temperatures[hp.teacher_slot]
+      if record.transform is not None:
+        logits = record.transform(logits, labels, teachers, hp)
       return logits, features
     return jnp.zeros_like(student_logits), None
 

@@ -413,7 +413,7 @@ def resolve(config) -> Study:
                         f"different teachers; got {config.num_teachers}")
   options, dkd_warmup_epochs = _loss_options(config)
   cohort_arms = [a for a in arm_names
-                 if "peers" in arms_lib.TEACHER_SIGNALS[arms_lib.ARMS[a].teacher_signal].needs]
+                 if arms_lib.TEACHER_SIGNALS[arms_lib.ARMS[a].teacher_signal].source == "peers"]
   if cohort_arms and int(config.num_seeds) % options.mutual_cohort:
     raise ConfigError("num_seeds", f"must be a multiple of arm_options.mutual_cohort="
                       f"{options.mutual_cohort}: arm {cohort_arms[0]} trains cohorts of that "
