@@ -18,7 +18,7 @@ from test_engine import compilation_cache  # noqa: F401  (its module-scoped auto
 from test_engine_training import fast_compilation  # noqa: F401  (module-scoped autouse fixture)
 from test_groups import _config, run_in_process
 
-ARMS = "kd,kd_calibrated,kd_corrected,kd_correct_only,mutual"
+ARMS = "kd,kd_calibrated,kd_corrected,kd_correct_only,mutual,ctkd"
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +105,26 @@ def test_cohort_peer_similarity_equals_numpy(workdir):
   assert "## Mutual learning: peer similarity" in (workdir / "analysis" / "report.md").read_text()
   # Every arm of the study was trained and analysed.
   assert set(results["arms"]) == set(ARMS.split(","))
+
+
+def test_ctkd_learned_temperatures_are_read_from_the_checkpoint(workdir):
+  """The final T = 1 + 20 sigmoid(theta) of each ctkd student, theta from its checkpoint's
+  parameters (kdjax.engine.LEARNED_TEMPERATURE), which training moved from its start of 1."""
+  record = _read(workdir, "metrics.json")["learned_temperatures"]
+  study = predictions_lib.load_study(str(workdir))
+  engines, states = train.load_final_state(study, str(workdir), "students")
+  (engine,) = engines
+  thetas = np.asarray(states[engine.group.key].params["ctkd_temperature"])
+  ctkd = [r.index for r in study.students.replicas if r.arm == "ctkd"]
+  assert [row["index"] for row in record["replicas"]] == ctkd and len(ctkd) == 2
+  for row in record["replicas"]:
+    theta = thetas[list(engine.group.indices).index(row["index"])]
+    assert theta != 1.0
+    np.testing.assert_allclose(row["theta"], theta)
+    np.testing.assert_allclose(row["temperature"], 1 + 20 / (1 + np.exp(-theta)), rtol=1e-6)
+  np.testing.assert_allclose(record["arms"]["ctkd"]["mean"],
+                             np.mean([row["temperature"] for row in record["replicas"]]))
+  assert "## CTKD: learned temperatures" in (workdir / "analysis" / "report.md").read_text()
 
 
 @pytest.fixture(scope="module")

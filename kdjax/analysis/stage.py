@@ -19,6 +19,7 @@ from kdjax import workdir as workdir_lib
 from kdjax.analysis import cohorts as cohorts_lib
 from kdjax.analysis import curves as curves_lib
 from kdjax.analysis import known_classes as known_classes_lib
+from kdjax.analysis import learned_temperatures as learned_temperatures_lib
 from kdjax.analysis import plots as plots_lib
 from kdjax.analysis import predictions as predictions_lib
 from kdjax.analysis import report as report_lib
@@ -208,7 +209,8 @@ def run(workdir: str, *, command: str | None = None) -> dict | None:
   if saved_curves is not None:  # similarity over training (the students stage's curves.json)
     results["curves"] = curves_lib.build(saved_curves, groups)
   # Sections of their own where the study has what they describe: the teachers' calibration
-  # (val_fraction > 0), mutual learning's cohorts, teachers of a class subset.
+  # (val_fraction > 0), mutual learning's cohorts, teachers of a class subset, CTKD's learned
+  # temperatures.
   automatic = {}
   calibration = teacher_calibration_lib.read(workdir, study.teacher.replicas)
   if calibration is not None:
@@ -219,6 +221,9 @@ def run(workdir: str, *, command: str | None = None) -> dict | None:
   known = known_classes_lib.measure(study, preds, groups)
   if known is not None:  # teachers of a class subset
     automatic["known_classes"] = known_classes_lib.section(known, groups)
+  learned = learned_temperatures_lib.measure(study, students, groups)
+  if learned is not None:  # CTKD students
+    automatic["learned_temperatures"] = learned_temperatures_lib.section(learned, groups)
   results.update({name: section.results for name, section in automatic.items()})
 
   out_dir = workdir_lib.join(workdir, "analysis")
