@@ -353,12 +353,16 @@ class LossKind:
   comes from. `features(options)` names the feature maps it matches between student and teacher
   and `feature_match` what must agree between the two models' maps: "shape" (all of it) or
   "spatial" ([..., H, W]; channels may differ). The engine, the stage loop and validation ask
-  about these, never about a kind's name."""
+  about these, never about a kind's name. `grid`: the study grid axes its loss reads, "alpha"
+  (its alpha form of the weights; not read by an arm with fixed weights) and "temperature"
+  (the study temperature): a replica table expands an arm only over the axes its kind reads
+  (kdjax.replicas), so a grid never trains identical replicas under different labels."""
   name: str
   loss: Callable[[LossInputs, ReplicaHParams, Any, LossOptions], jax.Array]
   reference: str
   options: tuple[str, ...] = ()
   needs: frozenset[str] = frozenset()
+  grid: frozenset[str] = frozenset()
   features: Callable[[LossOptions], tuple[str, ...]] | None = None
   feature_match: str = "shape"
 
@@ -524,16 +528,18 @@ def _kd_correct_only_kind(i: LossInputs, hp: ReplicaHParams, step, options) -> j
 
 LOSS_KINDS: dict[str, LossKind] = {k.name: k for k in [
     LossKind("ce", _ce_kind, "cross-entropy on the labels (label smoothing: Szegedy et al. 2016)"),
-    LossKind("kd", _kd_kind, "Hinton et al. 2015"),
-    LossKind("standardized_kd", _standardized_kd_kind, "Sun et al. CVPR 2024 (arXiv 2403.01427)"),
+    LossKind("kd", _kd_kind, "Hinton et al. 2015", grid=frozenset({"alpha", "temperature"})),
+    LossKind("standardized_kd", _standardized_kd_kind, "Sun et al. CVPR 2024 (arXiv 2403.01427)",
+             grid=frozenset({"alpha", "temperature"})),
     LossKind("ats", _ats_kind, "Li et al. NeurIPS 2022 (arXiv 2210.04427)",
              options=("ats_target_temperature", "ats_nontarget_temperature",
-                      "ats_student_temperature")),
+                      "ats_student_temperature"), grid=frozenset({"alpha"})),
     LossKind("isats", _isats_kind, "arXiv 2405.13078",
              options=("isats_target_temperature", "isats_temperatures",
-                      "ats_student_temperature")),
+                      "ats_student_temperature"), grid=frozenset({"alpha"})),
     LossKind("dkd", _dkd_kind, "Zhao et al. CVPR 2022 (arXiv 2203.08679)",
-             options=("dkd_alpha", "dkd_beta", "dkd_warmup_steps")),
+             options=("dkd_alpha", "dkd_beta", "dkd_warmup_steps"),
+             grid=frozenset({"temperature"})),
     LossKind("feature_hint", _feature_hint_kind, "FitNets (arXiv 1412.6550)",
              options=("hint_feature", "hint_weight"),
              features=lambda o: (o.hint_feature,)),
@@ -553,15 +559,17 @@ LOSS_KINDS: dict[str, LossKind] = {k.name: k for k in [
              "YingZhangDUT/Deep-Mutual-Learning", options=("mutual_cohort", "mutual_temperature")),
     LossKind("known_kd", _known_kd_kind, "partial distillation on the teacher's classes "
              "(kdjax.teacher_signals.known_class_kd)", options=("known_classes",),
-             needs=frozenset({"known_classes"})),
+             needs=frozenset({"known_classes"}), grid=frozenset({"alpha", "temperature"})),
     LossKind("ctkd", _ctkd_kind, "Li et al. AAAI 2023 (arXiv 2211.16231), zhengli97/CTKD",
              options=("ctkd_t_start", "ctkd_t_range", "ctkd_init", "ctkd_max_lambda",
                       "ctkd_ramp_epochs", "ctkd_steps_per_epoch"),
-             needs=frozenset({"learned_temperature"})),
+             needs=frozenset({"learned_temperature"}), grid=frozenset({"alpha"})),
     LossKind("kd_correct_only", _kd_correct_only_kind,
-             "kdjax's control for the transfer of the teacher's errors (issue 16)"),
+             "kdjax's control for the transfer of the teacher's errors (issue 16)",
+             grid=frozenset({"alpha", "temperature"})),
     LossKind("fgcr", _fgcr_kind, "arXiv 2405.13078 (global class relations)",
-             options=("fgcr_fusion",), needs=frozenset({"class_relations"})),
+             options=("fgcr_fusion",), needs=frozenset({"class_relations"}),
+             grid=frozenset({"alpha", "temperature"})),
     # The teachers' loss when arm_options.teacher_loss = 'regt' (not an arm: module docstring).
     LossKind("regt", _regt_kind, "arXiv 2405.13078", options=("regt_weight",)),
 ]}

@@ -296,7 +296,10 @@ def student_replicas(config, total_steps: int, specs: Sequence[ModelSpec],
   """Student models x arms x teacher models x grid points x seeds, in that order (see the module
   docstring for which teacher models an arm pairs with); the grid is alpha x temperature x
   learning rate x KD window. Arms without a teacher term ignore the alpha/temperature/window
-  grids (one grid point each, recorded as alpha 0, temperature 1, no window).
+  grids (one grid point each, recorded as alpha 0, temperature 1, no window). Other arms are
+  expanded only over the grid axes their loss reads (`kdjax.arms.LossKind.grid`; alpha is not
+  read by an arm with fixed weights): on an axis it does not read an arm is trained once, at the
+  axis's first value, which its replicas record.
   Student seed s learns from the s mod n-th teacher of its teacher model (n of them); arms that
   learn from their own teacher are also expanded over the teachers' augmentation presets
   (`teacher_augment`), so that with presets none,strong every seed has a student of each, and
@@ -338,7 +341,12 @@ def student_replicas(config, total_steps: int, specs: Sequence[ModelSpec],
                         for preset in dict.fromkeys(t.augment for t in group)]
       elif arm.reads == "ensemble" and compositions:
         teacher_sets = [(group, c) for group in teacher_models for c in compositions]
-      grid = list(itertools.product(alphas, temperatures, lrs, windows)) \
+      # The grid axes the arm's loss reads (kdjax.arms.LossKind.grid; an arm with fixed weights
+      # does not read alpha); on the others it is trained once, recorded at the first value.
+      reads = arms_lib.LOSS_KINDS[arm.loss].grid - ({"alpha"} if arm_name in ce_weights else set())
+      grid = list(itertools.product(alphas if "alpha" in reads else alphas[:1],
+                                    temperatures if "temperature" in reads else temperatures[:1],
+                                    lrs, windows)) \
           if has_teacher_term else [(0.0, 1.0, lr, None) for lr in lrs]
       smoothing = float(config.arm_options.label_smoothing) \
           if arm_name == "label_smoothing" else 0.0

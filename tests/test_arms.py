@@ -228,3 +228,46 @@ def test_validation_split_is_carved_from_train_the_same_for_every_run():
     np.testing.assert_array_equal(study.data["train"][key], full.data["train"][key][rest])
     np.testing.assert_array_equal(study.data["test"][key], full.data["test"][key])
   assert study.students.steps_per_epoch == -(-1078 // study.run.batch_size)
+
+
+def _kind_inputs(kind_name, seed=5):
+  """Inputs every kind can run on: logits, labels, features, relations, a mask, theta."""
+  s, t, y = _data(seed, n=8, c=6)
+  rng = np.random.default_rng(seed)
+  features = {n: rng.normal(size=(8, 4, 4, 3)).astype(np.float32) for n in ("block1", "block2")}
+  return arms_lib.LossInputs(
+      student_logits=s, labels=y, teacher_logits=t, student_features=features,
+      teacher_features={n: f[::-1] for n, f in features.items()},
+      class_relations=np.full((6, 6), 1 / 6, np.float32), mask=np.ones(8, np.float32),
+      learned_temperature=np.float32(0.3))
+
+
+@pytest.mark.parametrize("kind", sorted(arms_lib.LOSS_KINDS))
+def test_a_kinds_grid_names_exactly_the_study_axes_its_loss_reads(kind):
+  """Changing hp.alpha (alpha form, no fixed weights) or hp.temperature changes a kind's loss
+  exactly when its record's `grid` names that axis, which is what the replica table expands."""
+  options = arms_lib.LossOptions(known_classes=(0, 1, 2), ctkd_steps_per_epoch=10)
+  inputs = _kind_inputs(kind)
+  loss = lambda hp: np.asarray(arms_lib.LOSS_KINDS[kind].loss(inputs, hp, 3, options))
+  base = loss(_hp(alpha=0.3, temperature=2.0))
+  for axis, changed in (("alpha", _hp(alpha=0.7, temperature=2.0)),
+                        ("temperature", _hp(alpha=0.3, temperature=5.0))):
+    reads = not np.allclose(loss(changed), base, rtol=1e-6, atol=1e-7)
+    assert reads == (axis in arms_lib.LOSS_KINDS[kind].grid), (kind, axis)
+
+
+def test_a_grid_expands_each_arm_only_over_the_axes_its_loss_reads():
+  """alpha x temperature = 3 x 2 points: kd trains 6, ats (the default config's fixed weights)
+  and nkd and mutual 1, dkd 2 (temperature only), ats without fixed weights 3 (alpha only);
+  arms trained once carry the grids' first values."""
+  config = _config(arms="kd,ats,nkd,dkd,mutual", alpha="0.1,0.5,0.9", temperature="1,4",
+                   num_seeds=2)
+  rows = study_lib.resolve(config).students.replicas
+  points = lambda arm: sorted({(r.alpha, r.temperature) for r in rows if r.arm == arm})
+  assert len(points("kd")) == 6 and points("dkd") == [(0.1, 1.0), (0.1, 4.0)]
+  for arm in ("ats", "nkd", "mutual"):
+    assert points(arm) == [(0.1, 1.0)], arm
+  unweighted = _config(arms="ats", alpha="0.1,0.5,0.9", temperature="1,4", num_seeds=2,
+                       arm_options__ce_weight="", arm_options__kd_weight="")
+  assert sorted({r.alpha for r in study_lib.resolve(unweighted).students.replicas}) == \
+      [0.1, 0.5, 0.9]
