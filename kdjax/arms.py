@@ -1,7 +1,8 @@
 """Study arms: what a student replica learns from, expressed as data so that arms share a program.
 
 An arm fixes (1) the teacher signal the student sees — its own teacher's logits on the same
-augmented batch, an ensemble of teachers, uniform noise (RCD) or none —,
+augmented batch (possibly corrected or calibrated), an ensemble of teachers, its cohort's
+peers, uniform noise (RCD) or none (`TeacherSignal`, in `TEACHER_SIGNALS`) —,
 (2) the loss kind that turns (student logits, teacher signal, labels) into a per-example loss,
 and (3) where the student's initial parameters come from. The numbers inside a loss (alpha,
 temperature, label smoothing, ...) are per-replica hyperparameters (`ReplicaHParams`), so one
@@ -23,6 +24,19 @@ compiled step trains every arm of a study. Each loss kind is one record (`LossKi
   fgcr             teacher         fgcr              config    arXiv 2405.13078 (global class relations)
   dkd              teacher         dkd               config    Zhao et al. CVPR 2022 (arXiv 2203.08679)
   feature_hint     teacher         feature_hint      config    FitNets (arXiv 1412.6550); 2510.12615
+  nkd              teacher         nkd               config    Yang et al. ICCV 2023 (arXiv 2303.13005)
+  dist             teacher         dist              config    Huang et al. NeurIPS 2022 (arXiv 2205.10536)
+  ttm, wttm        teacher         ttm, wttm         config    Zheng and Yang ICLR 2024 (arXiv 2402.11148)
+  attention_transfer
+                   teacher         attention_transfer config   Zagoruyko and Komodakis ICLR 2017
+  ctkd             teacher         ctkd              config    Li et al. AAAI 2023 (arXiv 2211.16231)
+  kd_correct_only  teacher         kd_correct_only   config    kdjax's control for error transfer
+  kd_corrected     corrected_teacher kd              config    Wen et al. (arXiv 1911.07471)
+  kd_calibrated    calibrated_teacher kd             config    Guo et al. ICML 2017 (temperature scaling)
+  ensemble_kd_reliable
+                   reliable_ensemble kd              config    members weighted by validation reliability
+  kd_known         teacher         known_kd          config    partial distillation (teacher_classes)
+  mutual           peers           mutual            fresh     Zhang et al. CVPR 2018 (deep mutual learning)
 
 Ensembles (arXiv 2405.00739 and its released code): the loss of a replica that learns from an
 ensemble of M teachers is the mean of its loss kind against each member,

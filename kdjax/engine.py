@@ -7,7 +7,8 @@ together. Within a group everything below holds.
 Every leaf of `TrainState` except `step` has a leading replica axis R. One call of `train_step`
 advances all replicas by one step: each replica reads its own batch (its own epoch order and
 augmentation key, kdjax.data.pipeline), computes its own teacher signal on that same augmented
-batch (its teacher's logits, its ensemble's members' logits, or RCD noise), its arm's loss with its own
+batch (kdjax.arms.TEACHER_SIGNALS: its teacher's logits, possibly corrected or calibrated, its
+ensemble's members' logits, its cohort's logits, or RCD noise), its arm's loss with its own
 hyperparameters (kdjax.arms) and its own optimiser update with its own learning rate
 (kdjax.optim). Arms are per-replica data, so different arms share the program.
 
@@ -59,6 +60,7 @@ from kdjax import losses
 from kdjax import models as models_lib
 from kdjax import optim
 from kdjax import replicas as replicas_lib
+from kdjax import teacher_signals
 from kdjax.models import _common as models_common
 from kdjax.study import MESH_AXES, Group, Study
 
@@ -426,8 +428,10 @@ class Engine:
           if arms_lib.TEACHER_SIGNALS[signal].members:
             weights = hp.member_weights
             if arms_lib.TEACHER_SIGNALS[signal].reliability_weighted:
-              scores = teachers.reliability[hp.member_slots] * (hp.member_weights > 0)
-              weights = scores / jnp.maximum(jnp.sum(scores), 1e-12)
+              # Padding members (weight 0) get score 0, so they keep weight 0.
+              weights = teacher_signals.reliability_weights(
+                  teachers.reliability[hp.member_slots] * (hp.member_weights > 0),
+                  mode="accuracy")
             value = sum(weights[j] * loss_of(kind, teacher_logits[j])
                         for j in range(teacher_logits.shape[0]))
           else:

@@ -142,7 +142,7 @@ def run_stage(study: Study, stage: str, workdir: str) -> None:
     teacher_engines = {e.group.key: e for e in teacher_list}
     calibration = None
     if study.num_val:  # the teachers' temperatures on the validation split, recorded
-      calibration = teacher_calibration(study, teacher_list, teacher_states)
+      calibration = teacher_calibration(study, teacher_list, teacher_states, teacher_eval)
       if distributed.is_primary():
         workdir_lib.makedirs(stage_dir(workdir, stage))
         workdir_lib.write_text(workdir_lib.join(stage_dir(workdir, stage), CALIBRATION_FILE),
@@ -299,24 +299,22 @@ def split_logits(engine: Engine, variables, split: dict, batch_size: int) -> np.
 CALIBRATION_FILE = "calibration.json"
 
 
-def teacher_calibration(study: Study, teacher_engines, teacher_states) -> dict:
+def teacher_calibration(study: Study, teacher_engines, teacher_states,
+                        teacher_eval: "TeacherEval") -> dict:
   """Post-hoc temperature scaling of every teacher on the validation split (Guo et al. 2017;
   kdjax.calibration.fit_temperature): {"temperatures": [T], "teachers": [{"index",
   "temperature", "val_accuracy", "val_confidence", "val": report, "test": report}]}, each
   report the ECE (15 bins) and NLL before and after scaling
   (`kdjax.calibration.calibration_report`); `val_confidence` is the mean top probability on the
   validation split after scaling. The test split only reports: the temperature never sees
-  it."""
-  logits = {}
-  for split in ("val", "test"):
-    out = None
-    for engine in teacher_engines:
-      part = split_logits(engine, teacher_states[engine.group.key].variables(),
-                          study.data[split], study.run.eval_batch_size)
-      if out is None:
-        out = np.empty((len(study.teacher.replicas),) + part.shape[1:], part.dtype)
-      out[list(engine.group.indices)] = part
-    logits[split] = out
+  it; its logits are `teacher_eval`'s (the eval batches in example order, padding cut off)."""
+  logits = {"val": np.empty((len(study.teacher.replicas), study.num_val) +
+                            teacher_eval.logits[0].shape[2:], teacher_eval.logits[0].dtype),
+            "test": np.concatenate(teacher_eval.logits, axis=1)[:, :study.num_eval]}
+  for engine in teacher_engines:
+    logits["val"][list(engine.group.indices)] = split_logits(
+        engine, teacher_states[engine.group.key].variables(), study.data["val"],
+        study.run.eval_batch_size)
   records = []
   val_labels = np.asarray(study.data["val"]["label"])
   for t in study.teacher.replicas:

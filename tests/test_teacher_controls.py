@@ -42,7 +42,8 @@ def _np_nll(logits, labels, temperature=1.0):
 def _np_ece(logits, labels, num_bins=15):
   p = special.softmax(np.asarray(logits, np.float64), -1)
   confidence, predicted = p.max(-1), p.argmax(-1)
-  bins = np.minimum((confidence * num_bins).astype(int), num_bins - 1)  # [k/M, (k+1)/M)
+  # kdjax.metrics' right-closed bins ((b - 1)/B, b/B], b = 1..B
+  bins = np.clip(np.ceil(confidence * num_bins).astype(int) - 1, 0, num_bins - 1)
   ece = 0.0
   for b in range(num_bins):
     inside = bins == b
